@@ -1,0 +1,23 @@
+"""`llm-relay devstack`: placeholder until its issue lands it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from worker.cli import Command
+from worker.config import Settings
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    print("llm-relay devstack: not built yet", file=sys.stderr)
+    return 1
+
+
+COMMAND = Command(
+    "devstack", "Start the local stack and print the .env lines", _add_arguments, _run
+)

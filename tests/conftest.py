@@ -1,0 +1,46 @@
+"""Shared fixtures: real embedded Postgres, one migrated template, a fresh DB per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.postgres import EmbeddedPostgres, apply_schema, with_database
+
+TEMPLATE_DB = "relay_template"
+
+# One time unit for sleeps and timeouts in tests; raise it on a slow machine.
+MS = float(os.environ.get("RELAY_TEST_MS", "0.001"))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A real PostgreSQL 16 for the whole session, with a migrated template database."""
+    data_dir = Path(tmp_path_factory.mktemp("pg")) / "data"
+    pg = EmbeddedPostgres(data_dir)
+    pg.start()
+    template_url = pg.create_database(TEMPLATE_DB)
+    apply_schema(template_url)
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def database_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
+    """A fresh database cloned from the migrated template; dropped afterwards."""
+    url = pg_cluster.create_database(template=TEMPLATE_DB)
+    name = url.rsplit("/", 1)[-1].split("?", 1)[0]
+    try:
+        yield url
+    finally:
+        pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def template_url(pg_cluster: EmbeddedPostgres) -> str:
+    return with_database(pg_cluster.server_url, TEMPLATE_DB)

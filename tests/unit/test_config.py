@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.config import Settings, render_env_example
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_match_the_product_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT / "tests")  # no .env here
+    s = Settings()
+    assert s.relay_batch_size == 20
+    assert s.relay_max_flush_retries == 3
+    assert s.relay_retry_base_ms == 100
+    assert s.relay_retry_cap_s == 15
+    assert s.topic_for("abc") == "llm-token:abc"
+
+
+def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_BATCH_SIZE", "7")
+    monkeypatch.setenv("SUPABASE_URL", "http://example.test:1234/")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    s = Settings()
+    assert s.relay_batch_size == 7
+    assert s.realtime_url == "http://example.test:1234/realtime/v1"
+    assert s.openai_api_key is not None
+    assert "sk-test" not in repr(s)  # secrets never print
+
+
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_BATCH_SIZE", "0")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.setenv("RELAY_BATCH_SIZE", "5")
+    monkeypatch.setenv("RELAY_TOPIC_TEMPLATE", "no-placeholder")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_env_example_lists_every_setting() -> None:
+    """`.env.example` is generated from Settings; regenerate it when this fails:
+    `python -m worker.config --env-example > .env.example`."""
+    assert (ROOT / ".env.example").read_text() == render_env_example()

@@ -1,0 +1,320 @@
+"""The one settings object: the only reader of the environment and of `.env`.
+
+Ecosystem names are used where they exist (`SUPABASE_URL`, `OPENAI_API_KEY`,
+`DATABASE_URL`, ...); everything of ours starts with `RELAY_`. Components never
+read the environment: they receive this object, or the frozen view they need.
+
+Every field has a unit in its name (`_s`, `_ms`) and a one-line description,
+which `.env.example` and the README's configuration table are generated from
+(`python -m worker.config --env-example` / `--markdown`; a test fails on drift).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["openai", "groq"]
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+GROQ_DEFAULT_BASE_URL = "https://api.groq.com/openai/v1"
+DEFAULT_MODELS: dict[str, str] = {"openai": "gpt-4o-mini", "groq": "llama-3.1-8b-instant"}
+
+
+def _env(name: str) -> Any:
+    """Bind a field to exactly one environment name (no prefix magic)."""
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """All configuration of the worker, from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # --- Supabase (names as in the Supabase CLI's `supabase status -o env`) ---
+    supabase_url: str = Field(
+        "http://127.0.0.1:54321",
+        validation_alias=_env("SUPABASE_URL"),
+        description="Project URL; Realtime is reached at <url>/realtime/v1.",
+    )
+    supabase_anon_key: SecretStr | None = Field(
+        None,
+        validation_alias=_env("SUPABASE_ANON_KEY"),
+        description="Public anon key (JWT), used by frontends and `watch`.",
+    )
+    supabase_service_role_key: SecretStr | None = Field(
+        None,
+        validation_alias=_env("SUPABASE_SERVICE_ROLE_KEY"),
+        description="Service-role key (JWT) the worker publishes with.",
+    )
+    database_url: str | None = Field(
+        None,
+        validation_alias=_env("DATABASE_URL"),
+        description="Postgres URL of the request queue (Supabase: the direct connection string).",
+    )
+
+    # --- Providers ---
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=_env("OPENAI_API_KEY"), description="OpenAI API key."
+    )
+    openai_base_url: str = Field(
+        OPENAI_DEFAULT_BASE_URL,
+        validation_alias=_env("OPENAI_BASE_URL"),
+        description="OpenAI-compatible base URL (the devstack's simulated upstream locally).",
+    )
+    groq_api_key: SecretStr | None = Field(
+        None, validation_alias=_env("GROQ_API_KEY"), description="Groq API key."
+    )
+    groq_base_url: str = Field(
+        GROQ_DEFAULT_BASE_URL,
+        validation_alias=_env("GROQ_BASE_URL"),
+        description="Groq base URL.",
+    )
+    relay_provider: Provider = Field(
+        "openai",
+        validation_alias=_env("RELAY_PROVIDER"),
+        description="Provider used when a request names none.",
+    )
+    relay_model: str | None = Field(
+        None,
+        validation_alias=_env("RELAY_MODEL"),
+        description="Model used when a request names none (empty: the provider's default).",
+    )
+    relay_fallback_providers: str = Field(
+        "",
+        validation_alias=_env("RELAY_FALLBACK_PROVIDERS"),
+        description="Comma-separated providers tried in order when the first fails before "
+        "any token (e.g. `openai`).",
+    )
+
+    # --- Upstream deadlines and retries ---
+    relay_connect_timeout_s: float = Field(
+        10.0,
+        validation_alias=_env("RELAY_CONNECT_TIMEOUT_S"),
+        description="TCP/TLS connect deadline per upstream request.",
+    )
+    relay_first_token_timeout_s: float = Field(
+        60.0,
+        validation_alias=_env("RELAY_FIRST_TOKEN_TIMEOUT_S"),
+        description="Deadline from request to the first token (reasoning models think first).",
+    )
+    relay_idle_timeout_s: float = Field(
+        30.0,
+        validation_alias=_env("RELAY_IDLE_TIMEOUT_S"),
+        description="Longest gap between two upstream chunks once streaming.",
+    )
+    relay_total_timeout_s: float = Field(
+        600.0,
+        validation_alias=_env("RELAY_TOTAL_TIMEOUT_S"),
+        description="Overall deadline for one upstream generation.",
+    )
+    relay_upstream_retries: int = Field(
+        3,
+        ge=0,
+        validation_alias=_env("RELAY_UPSTREAM_RETRIES"),
+        description="Retries of an upstream request that failed before its first token.",
+    )
+
+    # --- Relay: batching and publishing ---
+    relay_batch_size: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        validation_alias=_env("RELAY_BATCH_SIZE"),
+        description="Tokens per broadcast message (flush when reached).",
+    )
+    relay_max_batch_delay_ms: float = Field(
+        100.0,
+        gt=0,
+        validation_alias=_env("RELAY_MAX_BATCH_DELAY_MS"),
+        description="Longest a token waits in a partial batch before it is flushed.",
+    )
+    relay_max_flush_retries: int = Field(
+        3,
+        ge=0,
+        validation_alias=_env("RELAY_MAX_FLUSH_RETRIES"),
+        description="Retries of a failed or unacked batch before the token-by-token fallback.",
+    )
+    relay_retry_base_ms: float = Field(
+        100.0,
+        gt=0,
+        validation_alias=_env("RELAY_RETRY_BASE_MS"),
+        description="First retry delay; doubles each attempt, with jitter.",
+    )
+    relay_retry_cap_s: float = Field(
+        15.0,
+        gt=0,
+        validation_alias=_env("RELAY_RETRY_CAP_S"),
+        description="Longest retry delay.",
+    )
+    relay_ack_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        validation_alias=_env("RELAY_ACK_TIMEOUT_S"),
+        description="How long a broadcast waits for the server's ack.",
+    )
+    relay_topic_template: str = Field(
+        "llm-token:{session_id}",
+        validation_alias=_env("RELAY_TOPIC_TEMPLATE"),
+        description="Realtime topic of a session; `{session_id}` is replaced.",
+    )
+    relay_private_channels: bool = Field(
+        True,
+        validation_alias=_env("RELAY_PRIVATE_CHANNELS"),
+        description="Use private channels (RLS on realtime.messages decides who may join).",
+    )
+    relay_messages_per_second: float = Field(
+        100.0,
+        gt=0,
+        validation_alias=_env("RELAY_MESSAGES_PER_SECOND"),
+        description="Realtime message budget (Free 100/s, Pro 500/s), deliveries counted.",
+    )
+    relay_expected_subscribers: int = Field(
+        1,
+        ge=0,
+        validation_alias=_env("RELAY_EXPECTED_SUBSCRIBERS"),
+        description="Subscribers per topic assumed when counting fan-out against the budget.",
+    )
+
+    # --- Worker process and queue ---
+    relay_concurrency: int = Field(
+        16,
+        ge=1,
+        validation_alias=_env("RELAY_CONCURRENCY"),
+        description="Requests one worker process streams at once.",
+    )
+    relay_lease_s: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("RELAY_LEASE_S"),
+        description="Lease on a claimed request; another worker reclaims it after expiry.",
+    )
+    relay_poll_interval_s: float = Field(
+        2.0,
+        gt=0,
+        validation_alias=_env("RELAY_POLL_INTERVAL_S"),
+        description="Polling period of the queue (NOTIFY wakes it sooner).",
+    )
+    relay_max_attempts: int = Field(
+        3,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_ATTEMPTS"),
+        description="Claims of one request before it is failed for good.",
+    )
+    relay_checkpoint_interval_s: float = Field(
+        1.0,
+        gt=0,
+        validation_alias=_env("RELAY_CHECKPOINT_INTERVAL_S"),
+        description="Period of snapshot checkpoints (text + next offset) to Postgres.",
+    )
+    relay_grace_period_s: float = Field(
+        20.0,
+        ge=0,
+        validation_alias=_env("RELAY_GRACE_PERIOD_S"),
+        description="On SIGTERM, how long in-flight streams may finish before they are released.",
+    )
+    relay_http_port: int = Field(
+        9464,
+        ge=0,
+        validation_alias=_env("RELAY_HTTP_PORT"),
+        description="Port of /healthz, /readyz and /metrics (0 disables).",
+    )
+
+    # --- Logging ---
+    relay_log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        validation_alias=_env("RELAY_LOG_LEVEL"),
+        description="Log level (DEBUG adds one line per batch, never per token).",
+    )
+    relay_log_json: bool = Field(
+        False,
+        validation_alias=_env("RELAY_LOG_JSON"),
+        description="Write logs as JSON lines (one object per record) instead of text.",
+    )
+
+    @field_validator("relay_topic_template")
+    @classmethod
+    def _template_has_session(cls, value: str) -> str:
+        if "{session_id}" not in value:
+            raise ValueError("RELAY_TOPIC_TEMPLATE must contain {session_id}")
+        return value
+
+    def topic_for(self, session_id: str) -> str:
+        """The Realtime sub-topic (without `realtime:`) of one session."""
+        return self.relay_topic_template.format(session_id=session_id)
+
+    @property
+    def realtime_url(self) -> str:
+        return self.supabase_url.rstrip("/") + "/realtime/v1"
+
+    def base_url_for(self, provider: Provider) -> str:
+        return self.openai_base_url if provider == "openai" else self.groq_base_url
+
+    def api_key_for(self, provider: Provider) -> SecretStr | None:
+        return self.openai_api_key if provider == "openai" else self.groq_api_key
+
+    def model_for(self, provider: Provider) -> str:
+        return self.relay_model or DEFAULT_MODELS[provider]
+
+
+def _env_name(name: str, field: Any) -> str:
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
+    return name.upper()
+
+
+def _default_text(field: Any) -> str:
+    default = field.default
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
+
+def settings_rows() -> list[tuple[str, str, str]]:
+    """(ENV_NAME, default, description) for every setting, in declaration order."""
+    return [
+        (_env_name(name, field), _default_text(field), field.description or "")
+        for name, field in Settings.model_fields.items()
+    ]
+
+
+def render_env_example() -> str:
+    lines = [
+        "# llm-token-relay settings: every one, with its default and meaning.",
+        "# Generated by `python -m worker.config --env-example`; tests fail on drift.",
+        "",
+    ]
+    for env, default, description in settings_rows():
+        lines.append(f"# {description}")
+        lines.append(f"{env}={default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_markdown_table() -> str:
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for env, default, description in settings_rows():
+        shown = f"`{default}`" if default else "(unset)"
+        lines.append(f"| `{env}` | {shown} | {description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - generator entry
+    if "--markdown" in sys.argv:
+        print(render_markdown_table())
+    else:
+        print(render_env_example(), end="")

@@ -1,0 +1,112 @@
+"""The one exception tree of the worker.
+
+    RelayError                      base; carries `retryable` and data
+    ├── UpstreamError               the provider side (HTTP, SSE, chunks)
+    │     type: connection_lost | timeout | rate_limit | server_error   (retryable)
+    │           auth | bad_request | malformed | upstream_error          (not retryable
+    │                                                                     unless said)
+    ├── PublishError                the Realtime side (ack error/timeout, socket down)
+    ├── QueueError                  Postgres queue / lease trouble (retryable)
+    ├── BadInputError               a malformed request, an oversized payload (never retried)
+    └── ConfigError                 settings that cannot work (fatal at start-up)
+
+Translate foreign exceptions once, at the edge (`raise UpstreamError(...) from exc`);
+everything inside speaks only these types. Programmer errors stay Python's own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+UpstreamErrorType = Literal[
+    "connection_lost",
+    "timeout",
+    "rate_limit",
+    "server_error",
+    "auth",
+    "bad_request",
+    "malformed",
+    "upstream_error",
+]
+
+RETRYABLE_UPSTREAM_TYPES: frozenset[str] = frozenset(
+    {"connection_lost", "timeout", "rate_limit", "server_error"}
+)
+
+
+class RelayError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class UpstreamError(RelayError):
+    """The provider failed: before the stream, or inside it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: UpstreamErrorType,
+        provider: str = "",
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        tokens_received: int = 0,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            retryable=type in RETRYABLE_UPSTREAM_TYPES if retryable is None else retryable,
+        )
+        self.type: UpstreamErrorType = type
+        self.provider = provider
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.tokens_received = tokens_received
+
+    def __repr__(self) -> str:
+        return (
+            f"UpstreamError(type={self.type!r}, provider={self.provider!r}, "
+            f"status={self.status!r}, retryable={self.retryable}, message={self.message!r})"
+        )
+
+
+class PublishError(RelayError):
+    """A broadcast was not acknowledged (error reply, timeout, socket down)."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, topic: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.reason = reason
+
+
+class QueueError(RelayError):
+    """The request queue could not be reached or a lease was lost."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class BadInputError(RelayError):
+    """Input that can never succeed: fail it clearly, lose nothing else, go on."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ConfigError(RelayError):
+    """Settings that cannot work; raised at start-up."""

@@ -1,0 +1,1 @@
+"""The Realtime side: batching, wire payloads, acked publishing, one stream's relay."""

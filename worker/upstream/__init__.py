@@ -1,0 +1,1 @@
+"""The provider side: SSE decoding, chunk extraction, streaming client, retries."""
