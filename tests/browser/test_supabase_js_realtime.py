@@ -30,7 +30,9 @@ window.join = (client, topic, config) => new Promise((resolve, reject) => {
   ch.on("broadcast", { event: "greet" }, (m) => got.push(m.payload));
   ch.subscribe((status, err) => {
     if (status === "SUBSCRIBED") resolve({ ch, got });
-    else if (status !== "CLOSED") reject(new Error(`${status}: ${topic} ${JSON.stringify(config)}: ${err ? err.message : ""}`));
+    else if (status !== "CLOSED") {
+      reject(new Error(`${status}: ${topic} ${JSON.stringify(config)}: ${err ? err.message : ""}`));
+    }
   });
 });
 window.waitFor = async (pred, ms = 5000) => {
