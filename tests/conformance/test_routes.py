@@ -47,7 +47,7 @@ async def test_no_origin_check(server: RealtimeServer, anon_key: str) -> None:
     client = await RawClient.connect(
         server.url,
         anon_key,
-        origin="https://evil.example",  # type: ignore[arg-type]
+        origin="https://evil.example",
     )
     _, reply = await client.join("room1")
     assert reply["payload"]["status"] == "ok"

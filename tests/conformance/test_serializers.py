@@ -94,7 +94,9 @@ async def test_v1_subscriber_skips_binary_payloads(server: RealtimeServer, anon_
             join_ref, "7", "realtime:room1", "bin", b"\x00\xff", encoding="binary"
         )
     )
-    assert decode_user_broadcast(await rx2.recv_raw())[3:] == ("binary", b"\x00\xff")
+    raw = await rx2.recv_raw()
+    assert isinstance(raw, bytes)
+    assert decode_user_broadcast(raw)[3:] == ("binary", b"\x00\xff")
     await rx.expect_silence(0.2)
     assert server.stats.v1_binary_skips == 1
 
