@@ -8,6 +8,8 @@ in another process would.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from loguru import logger
 
 from devstack.upstream import Fault, SimulatedUpstream, tokenize
 from worker.cli import main
@@ -47,6 +50,18 @@ class ThreadedUpstream:
         url = f"http://{self.upstream.host}:{self.upstream.port}/_control/faults"
         response = httpx.post(url, json={"faults": [f.to_dict() for f in faults]}, timeout=5)
         response.raise_for_status()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """`main()` configures loguru and routes stdlib logging to capsys' stderr; undo it,
+    or later records (pgserver's at exit) hit a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    logger.remove()
+    logger.add(sys.stderr)
+    root.handlers, root.level = handlers, level
 
 
 @pytest.fixture
