@@ -234,6 +234,44 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_EXPECTED_SUBSCRIBERS"),
         description="Subscribers per topic assumed when counting fan-out against the budget.",
     )
+    relay_budget_utilization: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        validation_alias=_env("RELAY_BUDGET_UTILIZATION"),
+        description="Share of RELAY_MESSAGES_PER_SECOND the worker spends (Realtime closes "
+        "channels at avg >= limit, and other clients count too).",
+    )
+    relay_max_in_flight: int = Field(
+        32,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_IN_FLIGHT"),
+        description="Unacknowledged broadcasts allowed per topic (pipelining window).",
+    )
+    relay_max_message_bytes: int = Field(
+        32_000,
+        ge=64,
+        validation_alias=_env("RELAY_MAX_MESSAGE_BYTES"),
+        description="Most UTF-8 bytes of token text in one message (Free plan payloads: 256 KB).",
+    )
+    relay_rate_limit_rejoin_s: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_env("RELAY_RATE_LIMIT_REJOIN_S"),
+        description="Wait before rejoining after a rate-limit join error or a 'Too many "
+        "messages per second' channel shutdown.",
+    )
+    relay_rest_fallback: bool = Field(
+        True,
+        validation_alias=_env("RELAY_REST_FALLBACK"),
+        description="Send through the REST broadcast endpoint while the socket is down.",
+    )
+    relay_drain_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        validation_alias=_env("RELAY_DRAIN_TIMEOUT_S"),
+        description="How long the end of a stream waits for its last messages to be acked.",
+    )
 
     # --- Worker process and queue ---
     relay_concurrency: int = Field(
