@@ -39,6 +39,7 @@ class Watcher:
         private: bool,
         on_text: TextCallback | None = None,
         join_timeout_s: float = 10.0,
+        record: bool = False,
     ) -> None:
         self.topic = topic
         self.private = private
@@ -46,6 +47,8 @@ class Watcher:
         self.received = 0
         self.malformed = 0
         self.first_message_at: float | None = None
+        # Raw (event, payload) pairs in arrival order, for tests that check the wire.
+        self.recorded: list[tuple[str, dict[str, Any]]] | None = [] if record else None
         self._on_text = on_text
         self._join_timeout_s = join_timeout_s
         self._client = AsyncRealtimeClient(realtime_url, token=token, auto_reconnect=True)
@@ -86,6 +89,8 @@ class Watcher:
         self.received += 1
         if self.first_message_at is None:
             self.first_message_at = time.monotonic()
+        if self.recorded is not None:
+            self.recorded.append((message["event"], message["payload"]))
         try:
             parsed = parse_message(message["event"], message["payload"])
         except (BadInputError, KeyError, TypeError) as exc:
