@@ -19,7 +19,19 @@ from worker.relay.watch import Watcher
 pytestmark = pytest.mark.integration
 
 UPSTREAM_KEY = "sk-test-upstream"
-WORDS = "Streaming tokens through Realtime, naïvely: 東京 🚀 and ümlauts; 1234567 numbers!".split()
+WORDS = [
+    "Streaming",
+    "tokens",
+    "through",
+    "Realtime,",
+    "naïvely:",
+    "東京",
+    "🚀",
+    "and",
+    "ümlauts;",
+    "1234567",
+    "numbers!",
+]
 
 
 def thousand_token_text() -> str:
