@@ -75,7 +75,6 @@ class DoneMessage:
     reasoning_sha256: str
     usage: dict[str, Any] | None = None
     usage_estimated: bool = False
-    messages: int = 0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     refusal: str | None = None
 
@@ -88,7 +87,6 @@ class DoneMessage:
             "finish_reason": self.finish_reason,
             "usage": self.usage,
             "usage_estimated": self.usage_estimated,
-            "messages": self.messages,
             "tool_calls": self.tool_calls,
             "refusal": self.refusal,
             "checksum": {
@@ -177,7 +175,6 @@ def _parse_done(payload: Payload, stream: str, seq: int) -> DoneMessage:
         reasoning_sha256=str(checksum.get("reasoning", "")),
         usage=payload.get("usage"),
         usage_estimated=bool(payload.get("usage_estimated", False)),
-        messages=int(payload.get("messages", 0)),
         tool_calls=list(payload.get("tool_calls") or []),
         refusal=payload.get("refusal"),
     )
