@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint typecheck unit clean
+.PHONY: venv demo test lint typecheck unit clean browser-deps js-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+# The browser tests need Debian's chromium and the frontend's npm packages (CI runs
+# as root on a fresh machine: install them when missing, never a downloaded browser).
+FRONTEND := examples/frontend
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@command -v npm >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	@[ -d $(FRONTEND)/node_modules ] || (cd $(FRONTEND) && npm ci --no-audit --no-fund)
+
+js-test: browser-deps
+	node --test $(FRONTEND)/test/
+
+test: lint typecheck js-test
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 clean:

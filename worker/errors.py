@@ -17,7 +17,7 @@ everything inside speaks only these types. Programmer errors stay Python's own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 UpstreamErrorType = Literal[
     "connection_lost",
@@ -60,6 +60,8 @@ class UpstreamError(RelayError):
         retry_after_s: float | None = None,
         tokens_received: int = 0,
         retryable: bool | None = None,
+        usage: dict[str, Any] | None = None,
+        usage_estimated: bool = False,
     ) -> None:
         super().__init__(
             message,
@@ -70,6 +72,9 @@ class UpstreamError(RelayError):
         self.status = status
         self.retry_after_s = retry_after_s
         self.tokens_received = tokens_received
+        # What the failed generation consumed so far (provider's, or our estimate).
+        self.usage = usage
+        self.usage_estimated = usage_estimated
 
     def __repr__(self) -> str:
         return (
