@@ -26,7 +26,7 @@ async def manual() -> AsyncIterator[RealtimeServer]:
     srv = RealtimeServer(
         time_scale=TEST_TIME_SCALE,
         limits=RealtimeLimits(max_events_per_second=2),
-        timings=Timings(rate_tick_s=10_000),
+        timings=Timings(rate_tick_s=10_000, idle_timeout_s=600.0),
     )
     await srv.start()
     try:
