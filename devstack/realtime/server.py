@@ -20,7 +20,7 @@ from loguru import logger
 
 from devstack.jwt import DEFAULT_JWT_SECRET
 
-from . import rest
+from . import dbbroadcast, rest
 from .authorization import Authorizer, NoDatabase, PostgresAuthorizer
 from .connection import (
     CLOSE_SERVICE_RESTART,
@@ -29,7 +29,7 @@ from .connection import (
 )
 from .faults import Faults
 from .limits import RealtimeLimits, Timings
-from .protocol import Broadcast, Frame, encode_broadcast, negotiate_version
+from .protocol import Broadcast, Frame, UserBroadcast, encode_broadcast, negotiate_version
 from .ratecounter import RateCounter
 from .tokens import TokenError, verify_token
 
@@ -63,6 +63,8 @@ class RealtimeStats:
     client_broadcasts: int = 0  # accepted client broadcasts (counted on the rate counter)
     deliveries: int = 0  # frames queued to subscribers
     rest_messages: int = 0  # REST messages accepted and published
+    db_messages: int = 0  # realtime.send rows published
+    db_dropped: int = 0  # realtime.send rows dropped (rate limit, payload size)
     joins: int = 0  # successful joins
     rate_limit_shutdowns: int = 0  # channels closed with "Too many messages per second"
     unauthorized_drops: int = 0  # private sends dropped for lack of write permission
@@ -113,6 +115,9 @@ class RealtimeServer:
         self.faults = Faults(server=self)
         self.stats = RealtimeStats()
         self.tenants: dict[str, Tenant] = {}
+        self.database_url = database_url
+        self.db_listener_ready = asyncio.Event()
+        self._db_listener: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._expiry_tasks: set[asyncio.Task[None]] = set()
@@ -142,6 +147,11 @@ class RealtimeServer:
     def _start_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick_loop(), name="realtime-rate-ticker")
+        if self.database_url and (self._db_listener is None or self._db_listener.done()):
+            self._db_listener = asyncio.create_task(
+                dbbroadcast.listen(self.database_url, self.publish_db, self.db_listener_ready),
+                name="realtime-db-broadcast",
+            )
 
     async def start(self) -> None:
         """Run standalone on host:port (port 0 => a free port, see `url`)."""
@@ -163,11 +173,12 @@ class RealtimeServer:
             self._runner = None
 
     async def _shutdown(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        for task in (self._ticker, self._db_listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ticker = self._db_listener = None
         for task in list(self._expiry_tasks):
             task.cancel()
         await self.close_all_sockets(1001, "server shutting down")
@@ -374,6 +385,18 @@ class RealtimeServer:
     def publish(self, tenant: Tenant, private: bool, sub: str, message: Broadcast) -> int:
         """Publish a server-originated message (REST, DB) to a sub-topic."""
         return self.deliver(tenant, (private, sub), "realtime:" + sub, message)
+
+    def publish_db(self, sub: str, private: bool, message: UserBroadcast) -> None:
+        """A committed `realtime.send` row (ref §5): counted, size- and rate-checked,
+        dropped when over either, else published as a user broadcast with `meta.id`."""
+        tenant = self.tenant()
+        too_big = len(message.data) > self.limits.max_payload_size_in_kb * 1000 + 500
+        if too_big or tenant.events.triggered:
+            self.stats.db_dropped += 1
+            return
+        tenant.events.add(1)  # ref §6: +1 per DB broadcast
+        self.stats.db_messages += 1
+        self.publish(tenant, private, sub, message)
 
     def describe(self) -> dict[str, Any]:
         """A snapshot for logs and debugging."""
