@@ -249,7 +249,10 @@ class SocketSession:
             await self._broadcast(channel, frame)
         elif frame.event == "access_token":
             await self._access_token(channel, frame)
-        # Other events (presence, unknown) are not implemented: ignored without a reply.
+        elif frame.event != "presence":
+            # rt: realtime_channel.ex handle_in catch-all: counted, logged, no reply.
+            self.tenant.events.add(1)
+        # Presence is not implemented: its pushes are ignored without a reply.
 
     # ------------------------------------------------------------ join
 
@@ -317,11 +320,11 @@ class SocketSession:
             and self.server.concurrent_users(tenant) >= limits.max_concurrent_users
         ):
             raise JoinRefused("ConnectionRateLimitReached: Too many connected users")
-        tenant.joins.add(1)
         if tenant.joins.triggered:
             raise JoinRefused(
                 "ClientJoinRateLimitReached: Too many joins per second", close_code=CLOSE_GOING_AWAY
             )
+        tenant.joins.add(1)  # rt: limit_joins counts only joins it lets through
         if len(self.channels) >= limits.max_channels_per_client:
             raise JoinRefused("ChannelRateLimitReached: Too many channels")
         token = payload.get("access_token") or payload.get("user_token") or self.apikey

@@ -265,23 +265,26 @@ class RealtimeServer:
         *,
         exclude: ChannelSession | None = None,
     ) -> int:
-        """Queue `message` to every subscriber of `key` (ref §3), counting each delivery
-        and shutting channels down while the tenant is over its rate (ref §6)."""
+        """Queue `message` to every subscriber of `key` (ref §3), counting each delivery.
+
+        ref §6 (rt: message_dispatcher.ex): the frame goes straight to the subscriber's
+        socket, and the channel, told to count it, shuts itself down ("Too many messages per
+        second") if the tenant's counter is triggered, so that frame still arrives first.
+        """
         delivered = 0
         for channel in list(tenant.subscribers.get(key, ())):
             if channel is exclude:
                 continue
             tenant.events.add(1)  # ref §6: +1 per delivery to each subscribed channel
-            if tenant.events.triggered:
-                self.stats.rate_limit_shutdowns += 1
-                channel.socket.shutdown_channel(channel, "Too many messages per second")
-                continue
             data = encode_broadcast(channel.socket.version, topic, message)
             if data is None:
                 self.stats.v1_binary_skips += 1
-                continue
-            channel.socket.push(data)
-            delivered += 1
+            else:
+                channel.socket.push(data)
+                delivered += 1
+            if tenant.events.triggered:
+                self.stats.rate_limit_shutdowns += 1
+                channel.socket.shutdown_channel(channel, "Too many messages per second")
         self.stats.deliveries += delivered
         return delivered
 
