@@ -51,6 +51,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_GRACE_S = 3.0  # for queued frames and the close handshake (aiohttp's own timeout: 2 s)
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class SocketSession:
                 # Give queued frames (a reply, a close) a moment to go out.
                 self.push(_Close(CLOSE_NORMAL, ""), from_socket=True)
                 with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                    await asyncio.wait_for(asyncio.shield(writer), 1.0)
+                    await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE_S)
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await writer
