@@ -24,8 +24,10 @@ def test_demo_once_streams_exact_text_to_a_subscriber() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="llm-relay-demo-") as data_dir:
         proc = subprocess.run(
-            [sys.executable, "-m", "worker", "demo", "--once", "--port", "0"]
-            + ["--upstream-port", "0", "--tokens-per-second", "400", "--data-dir", data_dir],
+            [
+                *(sys.executable, "-m", "worker", "demo", "--once", "--port", "0"),
+                *("--upstream-port", "0", "--tokens-per-second", "400", "--data-dir", data_dir),
+            ],
             cwd=data_dir,  # no .env there
             env=env,
             capture_output=True,
