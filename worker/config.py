@@ -6,7 +6,7 @@ read the environment: they receive this object, or the frozen view they need.
 
 Every field has a unit in its name (`_s`, `_ms`) and a one-line description,
 which `.env.example` and the README's configuration table are generated from
-(`python -m worker.config --env-example` / `--markdown`; a test fails on drift).
+(`python -m worker.config --env-example` / `--readme`; a test fails on drift).
 """
 
 from __future__ import annotations
@@ -123,6 +123,56 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_UPSTREAM_RETRIES"),
         description="Retries of an upstream request that failed before its first token.",
     )
+    relay_upstream_retry_base_s: float = Field(
+        0.5,
+        gt=0,
+        validation_alias=_env("RELAY_UPSTREAM_RETRY_BASE_S"),
+        description="First upstream retry delay; doubles each attempt, with jitter.",
+    )
+    relay_upstream_retry_cap_s: float = Field(
+        20.0,
+        gt=0,
+        validation_alias=_env("RELAY_UPSTREAM_RETRY_CAP_S"),
+        description="Longest upstream retry delay; a longer Retry-After moves on to the "
+        "fallback provider instead of waiting.",
+    )
+    relay_breaker_failures: int = Field(
+        5,
+        ge=1,
+        validation_alias=_env("RELAY_BREAKER_FAILURES"),
+        description="Consecutive retryable failures that open a provider's circuit breaker.",
+    )
+    relay_breaker_reset_s: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("RELAY_BREAKER_RESET_S"),
+        description="How long an open circuit breaker skips its provider before one trial.",
+    )
+    relay_fallback_models: str = Field(
+        "",
+        validation_alias=_env("RELAY_FALLBACK_MODELS"),
+        description="Model per fallback provider, `provider:model` comma-separated (e.g. "
+        "`openai:gpt-4o-mini`); unset: the provider's default model.",
+    )
+    relay_midstream_recovery: Literal["stop", "restart", "continue"] = Field(
+        "stop",
+        validation_alias=_env("RELAY_MIDSTREAM_RECOVERY"),
+        description="When the upstream fails after tokens were relayed: `stop` (honest "
+        "incomplete end), `restart` (tell the client to reset, generate again) or "
+        "`continue` (ask the model to continue the partial text; never for tool calls).",
+    )
+    relay_midstream_max_recoveries: int = Field(
+        1,
+        ge=0,
+        validation_alias=_env("RELAY_MIDSTREAM_MAX_RECOVERIES"),
+        description="Restarts or continuations of one generation after tokens were relayed.",
+    )
+    relay_continue_prompt: str = Field(
+        "Continue exactly where your previous message stopped, mid-word if need be. "
+        "Do not repeat any of it and do not comment on the interruption.",
+        validation_alias=_env("RELAY_CONTINUE_PROMPT"),
+        description="The user turn appended after the partial answer for `continue`.",
+    )
 
     # --- Relay: batching and publishing ---
     relay_batch_size: int = Field(
@@ -184,6 +234,44 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_EXPECTED_SUBSCRIBERS"),
         description="Subscribers per topic assumed when counting fan-out against the budget.",
     )
+    relay_budget_utilization: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        validation_alias=_env("RELAY_BUDGET_UTILIZATION"),
+        description="Share of RELAY_MESSAGES_PER_SECOND the worker spends (Realtime closes "
+        "channels at avg >= limit, and other clients count too).",
+    )
+    relay_max_in_flight: int = Field(
+        32,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_IN_FLIGHT"),
+        description="Unacknowledged broadcasts allowed per topic (pipelining window).",
+    )
+    relay_max_message_bytes: int = Field(
+        32_000,
+        ge=64,
+        validation_alias=_env("RELAY_MAX_MESSAGE_BYTES"),
+        description="Most UTF-8 bytes of token text in one message (Free plan payloads: 256 KB).",
+    )
+    relay_rate_limit_rejoin_s: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_env("RELAY_RATE_LIMIT_REJOIN_S"),
+        description="Wait before rejoining after a rate-limit join error or a 'Too many "
+        "messages per second' channel shutdown.",
+    )
+    relay_rest_fallback: bool = Field(
+        True,
+        validation_alias=_env("RELAY_REST_FALLBACK"),
+        description="Send through the REST broadcast endpoint while the socket is down.",
+    )
+    relay_drain_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        validation_alias=_env("RELAY_DRAIN_TIMEOUT_S"),
+        description="How long the end of a stream waits for its last messages to be acked.",
+    )
 
     # --- Worker process and queue ---
     relay_concurrency: int = Field(
@@ -228,6 +316,53 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_HTTP_PORT"),
         description="Port of /healthz, /readyz and /metrics (0 disables).",
     )
+    relay_http_host: str = Field(
+        "0.0.0.0",
+        validation_alias=_env("RELAY_HTTP_HOST"),
+        description="Address /healthz, /readyz and /metrics listen on.",
+    )
+
+    relay_heartbeat_interval_s: float = Field(
+        10.0,
+        gt=0,
+        validation_alias=_env("RELAY_HEARTBEAT_INTERVAL_S"),
+        description="Period of the lease heartbeat (keep it well under RELAY_LEASE_S).",
+    )
+    relay_worker_id: str = Field(
+        "",
+        validation_alias=_env("RELAY_WORKER_ID"),
+        description="Name this worker writes as lease owner (empty: <host>-<pid>).",
+    )
+    relay_db_pool_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        validation_alias=_env("RELAY_DB_POOL_SIZE"),
+        description="Postgres connections one worker uses for queue queries (plus one LISTEN).",
+    )
+    relay_allowed_models: str = Field(
+        "",
+        validation_alias=_env("RELAY_ALLOWED_MODELS"),
+        description="Comma-separated models a request may name (empty: any model).",
+    )
+    relay_max_message_chars: int = Field(
+        200_000,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_MESSAGE_CHARS"),
+        description="Largest total text of a request's messages, in characters.",
+    )
+    relay_max_messages: int = Field(
+        200,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_MESSAGES"),
+        description="Most messages one request may carry.",
+    )
+    relay_max_tokens_cap: int = Field(
+        4096,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_TOKENS_CAP"),
+        description="Largest max_tokens a request may ask for (also the default when unset).",
+    )
 
     # --- Logging ---
     relay_log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -264,6 +399,11 @@ class Settings(BaseSettings):
 
     def model_for(self, provider: Provider) -> str:
         return self.relay_model or DEFAULT_MODELS[provider]
+
+    @property
+    def allowed_models(self) -> frozenset[str]:
+        """The model allowlist; empty means any model is allowed."""
+        return frozenset(m.strip() for m in self.relay_allowed_models.split(",") if m.strip())
 
 
 def _env_name(name: str, field: Any) -> str:
@@ -313,8 +453,22 @@ def render_markdown_table() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the table between the settings markers of the README."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{README_START}{render_markdown_table()}\n{README_END}{tail}")
+
+
+README_START, README_END = "<!-- settings:start -->\n", "<!-- settings:end -->"
+
 if __name__ == "__main__":  # pragma: no cover - generator entry
-    if "--markdown" in sys.argv:
+    if "--readme" in sys.argv:
+        update_readme()
+    elif "--markdown" in sys.argv:
         print(render_markdown_table())
     else:
         print(render_env_example(), end="")

@@ -7,6 +7,7 @@
     │                                                                     unless said)
     ├── PublishError                the Realtime side (ack error/timeout, socket down)
     ├── QueueError                  Postgres queue / lease trouble (retryable)
+    │     └── LeaseLost             another worker reclaimed the request (stop writing)
     ├── BadInputError               a malformed request, an oversized payload (never retried)
     └── ConfigError                 settings that cannot work (fatal at start-up)
 
@@ -16,7 +17,7 @@ everything inside speaks only these types. Programmer errors stay Python's own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 UpstreamErrorType = Literal[
     "connection_lost",
@@ -59,6 +60,8 @@ class UpstreamError(RelayError):
         retry_after_s: float | None = None,
         tokens_received: int = 0,
         retryable: bool | None = None,
+        usage: dict[str, Any] | None = None,
+        usage_estimated: bool = False,
     ) -> None:
         super().__init__(
             message,
@@ -69,6 +72,9 @@ class UpstreamError(RelayError):
         self.status = status
         self.retry_after_s = retry_after_s
         self.tokens_received = tokens_received
+        # What the failed generation consumed so far (provider's, or our estimate).
+        self.usage = usage
+        self.usage_estimated = usage_estimated
 
     def __repr__(self) -> str:
         return (
@@ -96,6 +102,12 @@ class QueueError(RelayError):
     def __init__(self, message: str, *, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class LeaseLost(QueueError):
+    """The lease on a request expired and was reclaimed: its writes are fenced off."""
+
+    retryable = False
 
 
 class BadInputError(RelayError):

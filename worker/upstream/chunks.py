@@ -1,0 +1,229 @@
+"""Chat-completion chunks (OpenAI, Groq) -> upstream events. Pure.
+
+Wire shapes this reads (sources cited where the details live):
+
+- OpenAI `chat.completion.chunk`: `choices[0].delta` with `role`, `content`,
+  `refusal`, `tool_calls[{index, id, type, function{name, arguments}}]`;
+  `finish_reason` on the last choice chunk (whose delta is usually `{}`). With
+  `stream_options.include_usage` "an additional chunk will be streamed before the
+  data: [DONE] message ... the choices field will always be an empty array. All
+  other chunks will also include a usage field, but with a null value"
+  (OpenAI API reference, ChatCompletionStreamOptions; e.g. openai-ruby docs).
+- Groq: OpenAI's shape plus `x_groq: {"id": "req_..."}` on the first chunk and
+  `x_groq: {"id", "usage": {queue_time, prompt_tokens, prompt_time,
+  completion_tokens, completion_time, total_tokens, total_time}}` on the last
+  (vercel/ai's Groq provider tests record this chunk); newer Groq also sends a
+  top-level `usage`. Reasoning models stream `delta.reasoning`; DeepSeek-style
+  servers (and vLLM/SGLang) use `delta.reasoning_content`.
+- Errors inside a 200 stream: `data: {"error": {...}}`, or an `event: error` SSE
+  event whose data is the error object or the full body.
+
+Tokens are the provider's non-empty deltas, byte-exact: never stripped, joined or
+normalised. `[DONE]` ends the stream; a stream that stops without it, and without
+a `finish_reason`, is truncated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from worker.errors import UpstreamError
+from worker.upstream.errormap import error_from_object, error_object_of
+from worker.upstream.events import (
+    Finished,
+    Refusal,
+    Token,
+    ToolCallDelta,
+    UpstreamEvent,
+)
+from worker.upstream.sse import SSEEvent
+
+DONE_MARKER = "[DONE]"
+
+
+class ChunkParser:
+    """Turns decoded SSE events into `UpstreamEvent`s, keeping the stream's state.
+
+    `feed()` raises `UpstreamError` for an error inside the stream (classified by
+    the provider's own type/code) and for a malformed chunk; `end_of_stream()`
+    returns the `Finished` event or raises for a truncated stream.
+    """
+
+    __slots__ = (
+        "content_tokens",
+        "done",
+        "finish_reason",
+        "model",
+        "provider",
+        "reasoning_tokens",
+        "tool_call_indexes",
+        "usage",
+        "x_groq_id",
+    )
+
+    def __init__(self, provider: str, model: str = "") -> None:
+        self.provider = provider
+        self.model = model
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.x_groq_id: str | None = None
+        self.content_tokens = 0
+        self.reasoning_tokens = 0
+        self.tool_call_indexes: set[int] = set()
+
+    @property
+    def tokens_received(self) -> int:
+        return self.content_tokens + self.reasoning_tokens
+
+    def feed(self, event: SSEEvent) -> list[UpstreamEvent]:
+        if self.done:
+            return []  # anything after [DONE] is not part of the answer
+        data = event.data
+        if event.event == "error":
+            raise self._error_from_data(data)
+        if data.strip() == DONE_MARKER:
+            self.done = True
+            return [self._finished()]
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError(
+                f"malformed chunk: {exc}",
+                type="malformed",
+                provider=self.provider,
+                status=200,
+                tokens_received=self.tokens_received,
+            ) from exc
+        if not isinstance(chunk, dict):
+            raise self._malformed(f"chunk is a JSON {type(chunk).__name__}, not an object")
+        err = error_object_of(chunk)
+        if err is not None:
+            raise error_from_object(
+                err, provider=self.provider, status=200, tokens_received=self.tokens_received
+            )
+        return self._chunk(chunk)
+
+    def end_of_stream(self) -> Finished:
+        """The body ended. Without `[DONE]` a `finish_reason` is enough (some
+        compatible servers omit `[DONE]`); without either the stream was cut."""
+        if self.done or self.finish_reason is not None:
+            self.done = True
+            return self._finished()
+        raise UpstreamError(
+            "stream ended before [DONE] and before a finish_reason (truncated)",
+            type="connection_lost",
+            provider=self.provider,
+            status=200,
+            tokens_received=self.tokens_received,
+        )
+
+    def _finished(self) -> Finished:
+        return Finished(
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            usage_estimated=False,
+            provider=self.provider,
+            model=self.model,
+        )
+
+    def _malformed(self, message: str) -> UpstreamError:
+        return UpstreamError(
+            message,
+            type="malformed",
+            provider=self.provider,
+            status=200,
+            tokens_received=self.tokens_received,
+        )
+
+    def _error_from_data(self, data: str) -> UpstreamError:
+        try:
+            decoded = orjson.loads(data) if data.strip() else None
+        except orjson.JSONDecodeError:
+            decoded = {"error": {"message": data.strip() or "error event"}}
+        err = error_object_of(decoded)
+        if err is None:
+            err = decoded if isinstance(decoded, dict) else {"message": "error event"}
+        return error_from_object(
+            err, provider=self.provider, status=200, tokens_received=self.tokens_received
+        )
+
+    def _chunk(self, chunk: dict[str, Any]) -> list[UpstreamEvent]:
+        out: list[UpstreamEvent] = []
+        model = chunk.get("model")
+        if model and isinstance(model, str):
+            self.model = model
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        x_groq = chunk.get("x_groq")
+        if isinstance(x_groq, dict):
+            self._x_groq(x_groq)
+        choices = chunk.get("choices")
+        if not choices:
+            return out  # the include_usage chunk, or a keep-alive chunk
+        if not isinstance(choices, list):
+            raise self._malformed("`choices` is not a list")
+        for choice in choices:
+            # n > 1 is not relayed: only the first choice is the answer.
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self._choice(choice, out)
+        return out
+
+    def _x_groq(self, x_groq: dict[str, Any]) -> None:
+        if isinstance(x_groq.get("id"), str):
+            self.x_groq_id = x_groq["id"]
+        groq_usage = x_groq.get("usage")
+        # The top-level `usage` (newer Groq) wins when both are present.
+        if isinstance(groq_usage, dict) and self.usage is None:
+            self.usage = groq_usage
+
+    def _choice(self, choice: dict[str, Any], out: list[UpstreamEvent]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta:
+            self._delta(delta, out)
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finish_reason = str(reason)
+
+    def _delta(self, delta: dict[str, Any], out: list[UpstreamEvent]) -> None:
+        # Reasoning precedes content when one delta carries both.
+        reasoning = delta.get("reasoning")
+        if not reasoning:
+            reasoning = delta.get("reasoning_content")
+        if reasoning and isinstance(reasoning, str):
+            self.reasoning_tokens += 1
+            out.append(Token("reasoning", reasoning))
+        content = delta.get("content")
+        if content and isinstance(content, str):
+            self.content_tokens += 1
+            out.append(Token("content", content))
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            out.append(Refusal(refusal))
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            self._tool_calls(tool_calls, out)
+        function_call = delta.get("function_call")  # the deprecated single-call shape
+        if isinstance(function_call, dict) and function_call:
+            self._tool_calls([{"index": 0, "function": function_call}], out)
+
+    def _tool_calls(self, tool_calls: Any, out: list[UpstreamEvent]) -> None:
+        if not isinstance(tool_calls, list):
+            raise self._malformed("`tool_calls` is not a list")
+        for call in tool_calls:
+            if not isinstance(call, dict):
+                raise self._malformed("a tool call delta is not an object")
+            function = call.get("function") or {}
+            index = call.get("index", 0)
+            if not isinstance(index, int) or not isinstance(function, dict):
+                raise self._malformed("a tool call delta has a bad index or function")
+            call_id = call.get("id") or None
+            name = function.get("name") or None
+            arguments = function.get("arguments") or ""
+            if call_id is None and name is None and not arguments:
+                continue
+            self.tool_call_indexes.add(index)
+            out.append(ToolCallDelta(index, call_id, name, str(arguments)))

@@ -1,0 +1,571 @@
+"""The streaming client: httpx in, `UpstreamEvent`s out, with deadlines and recovery.
+
+Layers, outermost first:
+
+1. `UpstreamClient.stream()` — mid-stream recovery. Once output reached the
+   consumer, a failure is handled by `RELAY_MIDSTREAM_RECOVERY`:
+   - `stop` (default): raise the `UpstreamError` with `tokens_received` and a
+     usage estimate. Honest: the client keeps exactly what it has seen, marked
+     incomplete; nothing is invented and nothing is paid twice. The job layer
+     may still re-run the whole request visibly.
+   - `restart`: yield `Status("reset")` — the relay tells the client to discard
+     the stream so far — then generate again from the original messages.
+   - `continue`: yield `Status("resuming")`, then ask again with the partial
+     content appended as an assistant turn plus a user turn asking to continue.
+     This is the seam LiteLLM removed from its automatic retries: models
+     restart, repeat or change voice, personas break, models without prefill
+     answer the new user turn instead, and tool-call arguments cannot be
+     resumed. So it is opt-in, announced to the client, never used for
+     tool-call streams (those restart instead), and the text after the seam
+     is relayed as-is: the transcript the relay stores is what the client saw.
+2. `_acquire()` — before the first output of an attempt: retries with backoff
+   (`RetryPolicy`), the circuit breaker per provider, the fallback chain with
+   model mapping; `Status("retrying" | "fallback")` tell the client why it waits.
+3. `_attempt()` — one HTTP request: status and error-body mapping, SSE decoding,
+   chunk parsing, and the deadlines (connect via httpx; first token, idle gap and
+   total via `asyncio.timeout_at` around each read — never around a `yield`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from loguru import logger
+
+from worker.config import DEFAULT_MODELS, Provider, Settings
+from worker.errors import ConfigError, UpstreamError
+from worker.upstream.chunks import ChunkParser
+from worker.upstream.errormap import error_from_response, map_httpx_exceptions
+from worker.upstream.events import (
+    Finished,
+    GenerationRequest,
+    Refusal,
+    Status,
+    Token,
+    ToolCallDelta,
+    UpstreamEvent,
+)
+from worker.upstream.retry import CircuitBreaker, RetryPolicy
+from worker.upstream.sse import SSEDecoder, SSEEvent
+
+PROVIDERS: tuple[Provider, ...] = ("openai", "groq")
+MAX_ERROR_BODY_BYTES = 64 * 1024  # an error page is read this far, never more
+CHARS_PER_TOKEN_ESTIMATE = 4.0  # the usual rule of thumb for English text
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class StreamStats:
+    """What happened during one `stream()` call (for `llm-relay probe` and metrics)."""
+
+    attempts: int = 0
+    provider: str = ""
+    model: str = ""
+    http_status: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    headers_s: float | None = None
+    first_token_s: float | None = None
+    end_s: float | None = None
+    recoveries: int = 0
+
+
+@dataclass
+class _Progress:
+    """Output of the current generation since the last reset."""
+
+    content: list[str] = field(default_factory=list)
+    tokens: int = 0
+    tool_calls: bool = False
+    usage_parts: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
+
+
+@dataclass
+class _Read:
+    """One attempt's parser and what its accounting needs."""
+
+    parser: ChunkParser
+    progress: _Progress
+    messages: list[dict[str, Any]]
+    start_tokens: int  # progress.tokens when the attempt began
+
+
+def parse_fallbacks(value: str) -> list[Provider]:
+    out: list[Provider] = []
+    for name in (part.strip() for part in value.split(",")):
+        if not name:
+            continue
+        if name not in PROVIDERS:
+            raise ConfigError(f"RELAY_FALLBACK_PROVIDERS: unknown provider {name!r}")
+        out.append(name)  # checked against PROVIDERS above
+    return out
+
+
+def parse_model_map(value: str) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        provider, sep, model = part.partition(":")
+        if not sep or provider.strip() not in PROVIDERS or not model.strip():
+            raise ConfigError(f"RELAY_FALLBACK_MODELS: expected provider:model, got {part!r}")
+        mapping[provider.strip()] = model.strip()
+    return mapping
+
+
+def estimate_usage(messages: list[dict[str, Any]], completion_tokens: int) -> dict[str, Any]:
+    """A usage estimate for a generation whose provider never reported one."""
+    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    prompt = max(1, round(chars / CHARS_PER_TOKEN_ESTIMATE)) if chars else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
+def combine_usage(parts: list[tuple[dict[str, Any], bool]]) -> tuple[dict[str, Any] | None, bool]:
+    """One attempt: its usage as sent. Several (restart / continue): summed counts."""
+    if not parts:
+        return None, False
+    if len(parts) == 1:
+        return parts[0]
+    total: dict[str, Any] = {}
+    for usage, _ in parts:
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            value = usage.get(key)
+            if isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+    return total, any(estimated for _, estimated in parts)
+
+
+class UpstreamClient:
+    """Streams chat completions from OpenAI / Groq as typed events.
+
+    Args:
+        settings: the worker's settings (deadlines, retries, providers, recovery).
+        transport: an httpx transport (tests: `httpx.MockTransport`), else real HTTP.
+        sleep: the retry sleep (tests inject a recorder).
+        rng: jitter source in [0, 1).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rng: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sleep = sleep
+        connect = settings.relay_connect_timeout_s
+        # Reads are bounded by our own first-token / idle / total deadlines.
+        timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        policy_kwargs: dict[str, Any] = {} if rng is None else {"rng": rng}
+        self.policy = RetryPolicy(
+            retries=settings.relay_upstream_retries,
+            base_s=settings.relay_upstream_retry_base_s,
+            cap_s=settings.relay_upstream_retry_cap_s,
+            **policy_kwargs,
+        )
+        self.fallbacks = parse_fallbacks(settings.relay_fallback_providers)
+        self.fallback_models = parse_model_map(settings.relay_fallback_models)
+        self.breakers = {
+            p: CircuitBreaker(
+                p, failures=settings.relay_breaker_failures, reset_s=settings.relay_breaker_reset_s
+            )
+            for p in PROVIDERS
+        }
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- layer 1: mid-stream recovery ---
+    async def stream(
+        self, request: GenerationRequest, *, stats: StreamStats | None = None
+    ) -> AsyncGenerator[UpstreamEvent, None]:
+        """Yield the events of one generation; raise `UpstreamError` when it fails.
+
+        `Finished` is always the last event of a successful stream.
+        """
+        stats = stats if stats is not None else StreamStats()
+        loop = asyncio.get_running_loop()
+        total_deadline = loop.time() + self.settings.relay_total_timeout_s
+        progress = _Progress()
+        messages = request.messages
+        log = logger.bind(event="upstream", provider=request.provider)
+        while True:
+            try:
+                events = self._acquire(request, messages, progress, stats, total_deadline)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        yield event
+                stats.end_s = time.monotonic() - stats.started
+                return
+            except UpstreamError as error:
+                stats.end_s = time.monotonic() - stats.started
+                mode = self._recovery_mode(error, progress, stats)
+                if mode == "stop":
+                    raise self._final_error(error, progress) from error
+                stats.recoveries += 1
+                log.warning("mid-stream {} after {} tokens: {}", mode, progress.tokens, error.type)
+                if mode == "restart":
+                    yield Status(
+                        "reset",
+                        {
+                            "reason": error.type,
+                            "tokens_discarded": progress.tokens,
+                            "provider": error.provider,
+                        },
+                    )
+                    progress.content.clear()
+                    progress.tokens = 0
+                    progress.tool_calls = False
+                    messages = request.messages
+                else:
+                    yield Status(
+                        "resuming",
+                        {
+                            "reason": error.type,
+                            "mode": "continue",
+                            "tokens_received": progress.tokens,
+                            "provider": error.provider,
+                            "seam": True,  # the text after this point is a continuation
+                        },
+                    )
+                    messages = [
+                        *request.messages,
+                        {"role": "assistant", "content": "".join(progress.content)},
+                        {"role": "user", "content": self.settings.relay_continue_prompt},
+                    ]
+
+    def _recovery_mode(
+        self, error: UpstreamError, progress: _Progress, stats: StreamStats
+    ) -> Literal["stop", "restart", "continue"]:
+        if progress.tokens == 0 and not progress.tool_calls:
+            return "stop"  # failed before any output: retries already ran in _acquire
+        mode = self.settings.relay_midstream_recovery
+        if (
+            mode == "stop"
+            or not error.retryable
+            or stats.recoveries >= self.settings.relay_midstream_max_recoveries
+        ):
+            return "stop"
+        if mode == "continue" and (progress.tool_calls or not progress.content):
+            return "restart"  # tool-call arguments (or reasoning only) cannot be continued
+        return mode
+
+    def _final_error(self, error: UpstreamError, progress: _Progress) -> UpstreamError:
+        usage, estimated = combine_usage(progress.usage_parts)
+        return UpstreamError(
+            error.message,
+            type=error.type,
+            provider=error.provider,
+            status=error.status,
+            retry_after_s=error.retry_after_s,
+            tokens_received=progress.tokens,
+            retryable=error.retryable,
+            usage=usage,
+            usage_estimated=estimated,
+        )
+
+    # --- layer 2: retries, breaker, fallback (before the first output) ---
+    def _chain(self, request: GenerationRequest) -> list[tuple[Provider, str]]:
+        primary = request.provider
+        chain: list[tuple[Provider, str]] = [
+            (primary, request.model or self.settings.model_for(primary))
+        ]
+        for provider in self.fallbacks:
+            if provider != primary and all(provider != p for p, _ in chain):
+                model = self.fallback_models.get(provider) or DEFAULT_MODELS[provider]
+                chain.append((provider, model))
+        return chain
+
+    async def _acquire(
+        self,
+        request: GenerationRequest,
+        messages: list[dict[str, Any]],
+        progress: _Progress,
+        stats: StreamStats,
+        total_deadline: float,
+    ) -> AsyncGenerator[UpstreamEvent, None]:
+        chain = self._chain(request)
+        last_error: UpstreamError | None = None
+        for index, (provider, model) in enumerate(chain):
+            breaker = self.breakers[provider]
+            if index > 0:
+                assert last_error is not None
+                yield Status(
+                    "fallback",
+                    {
+                        "from": chain[index - 1][0],
+                        "to": provider,
+                        "model": model,
+                        "reason": last_error.type,
+                    },
+                )
+            if not breaker.allow(time.monotonic()):
+                last_error = UpstreamError(
+                    f"circuit breaker open for {provider}",
+                    type="server_error",
+                    provider=provider,
+                )
+                continue
+            attempt = 0
+            while True:
+                produced = False
+                attempt_events = self._attempt(
+                    provider, model, request, messages, progress, stats, total_deadline
+                )
+                try:
+                    async with contextlib.aclosing(attempt_events):
+                        async for event in attempt_events:
+                            if not isinstance(event, Status):
+                                produced = True
+                            yield event
+                    breaker.record_success()
+                    return
+                except UpstreamError as error:
+                    breaker.record_failure(error, time.monotonic())
+                    if produced:
+                        raise  # mid-stream: layer 1 decides
+                    last_error = error
+                    delay = self.policy.delay_for(error, attempt)
+                    if delay is None or asyncio.get_running_loop().time() + delay > total_deadline:
+                        break
+                    attempt += 1
+                    logger.bind(event="upstream_retry", provider=provider).info(
+                        "retry {} in {:.2f}s after {}", attempt, delay, error.type
+                    )
+                    yield Status(
+                        "retrying",
+                        {
+                            "provider": provider,
+                            "attempt": attempt,
+                            "delay_s": round(delay, 3),
+                            "reason": error.type,
+                            "status": error.status,
+                        },
+                    )
+                    await self._sleep(delay)
+                    if not breaker.allow(time.monotonic()):
+                        break
+            if last_error is not None and last_error.type == "bad_request":
+                break  # the same request would be refused by the next provider too
+        assert last_error is not None
+        raise last_error
+
+    # --- layer 3: one HTTP request ---
+    def _body(
+        self, provider: Provider, model: str, request: GenerationRequest, messages: list[Any]
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+        if provider == "openai":
+            # Usage arrives in a final chunk with `choices: []`; Groq sends x_groq.usage.
+            body["stream_options"] = {"include_usage": True}
+        if request.max_tokens is not None:
+            key = "max_completion_tokens" if provider == "openai" else "max_tokens"
+            body[key] = request.max_tokens
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        body.update(request.extra)
+        return body
+
+    async def _attempt(
+        self,
+        provider: Provider,
+        model: str,
+        request: GenerationRequest,
+        messages: list[dict[str, Any]],
+        progress: _Progress,
+        stats: StreamStats,
+        total_deadline: float,
+    ) -> AsyncGenerator[UpstreamEvent, None]:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        stats.attempts += 1
+        stats.provider, stats.model, stats.http_status = provider, model, None
+        first_deadline = min(total_deadline, loop.time() + settings.relay_first_token_timeout_s)
+        headers = {"Accept": "text/event-stream"}
+        key = settings.api_key_for(provider)
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key.get_secret_value()}"
+        url = settings.base_url_for(provider).rstrip("/") + "/chat/completions"
+        http_request = self._http.build_request(
+            "POST", url, json=self._body(provider, model, request, messages), headers=headers
+        )
+        with map_httpx_exceptions(provider):
+            response = await self._deadline(
+                self._http.send(http_request, stream=True), first_deadline, "headers", provider
+            )
+        try:
+            stats.http_status = response.status_code
+            if stats.headers_s is None:
+                stats.headers_s = time.monotonic() - stats.started
+            if response.status_code != 200:
+                raise await self._status_error(response, provider, first_deadline)
+            content_type = response.headers.get("content-type", "")
+            if "text/html" in content_type or "application/json" in content_type:
+                raise await self._not_a_stream(response, provider, first_deadline)
+            read = _Read(ChunkParser(provider, model), progress, messages, progress.tokens)
+            events = self._events(response, read, stats, first_deadline, total_deadline)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        finally:
+            await response.aclose()
+
+    async def _events(
+        self,
+        response: httpx.Response,
+        read: _Read,
+        stats: StreamStats,
+        first_deadline: float,
+        total_deadline: float,
+    ) -> AsyncGenerator[UpstreamEvent, None]:
+        loop = asyncio.get_running_loop()
+        provider = read.parser.provider
+        decoder = SSEDecoder()
+        chunks = response.aiter_bytes()
+        got_output = False
+        while not read.parser.done:
+            deadline, phase = first_deadline, "first token"
+            if got_output:
+                idle = loop.time() + self.settings.relay_idle_timeout_s
+                deadline, phase = min(total_deadline, idle), "idle"
+            try:
+                with map_httpx_exceptions(provider):
+                    data = await self._deadline(anext(chunks), deadline, phase, provider)
+            except StopAsyncIteration:
+                break
+            except UpstreamError as error:
+                raise self._with_partial_usage(error, read) from error.__cause__
+            for event in self._parse(read, decoder.feed(data)):
+                if not got_output and isinstance(event, Token | ToolCallDelta | Refusal):
+                    got_output = True
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.monotonic() - stats.started
+                yield event
+        if read.parser.done:
+            return
+        for event in self._parse(read, decoder.flush()):
+            yield event
+        if not read.parser.done:
+            try:
+                finished = read.parser.end_of_stream()
+            except UpstreamError as error:
+                raise self._with_partial_usage(error, read) from None
+            yield self._finished(finished, read)
+
+    def _parse(self, read: _Read, sse_events: list[SSEEvent]) -> list[UpstreamEvent]:
+        out: list[UpstreamEvent] = []
+        progress = read.progress
+        for sse in sse_events:
+            try:
+                events = read.parser.feed(sse)
+            except UpstreamError as error:
+                raise self._with_partial_usage(error, read) from error.__cause__
+            for event in events:
+                if isinstance(event, Token):
+                    progress.tokens += 1
+                    if event.kind == "content":
+                        progress.content.append(event.text)
+                elif isinstance(event, ToolCallDelta):
+                    progress.tool_calls = True
+                elif isinstance(event, Finished):
+                    event = self._finished(event, read)
+                out.append(event)
+        return out
+
+    def _finished(self, finished: Finished, read: _Read) -> Finished:
+        parts = read.progress.usage_parts
+        if finished.usage is not None:
+            parts.append((finished.usage, False))
+        else:
+            completion = read.progress.tokens - read.start_tokens
+            parts.append((estimate_usage(read.messages, completion), True))
+        usage, estimated = combine_usage(parts)
+        return Finished(
+            finish_reason=finished.finish_reason,
+            usage=usage,
+            usage_estimated=estimated,
+            provider=finished.provider,
+            model=finished.model,
+        )
+
+    def _with_partial_usage(self, error: UpstreamError, read: _Read) -> UpstreamError:
+        """The attempt died: account for what it consumed (an estimate, flagged)."""
+        progress = read.progress
+        completion = progress.tokens - read.start_tokens
+        if completion > 0:  # an attempt that produced nothing is assumed unbilled
+            progress.usage_parts.append((estimate_usage(read.messages, completion), True))
+        usage, estimated = combine_usage(progress.usage_parts)
+        error.tokens_received = progress.tokens
+        error.usage, error.usage_estimated = usage, estimated
+        return error
+
+    async def _deadline(
+        self, awaitable: Awaitable[Any], deadline: float, phase: str, provider: str
+    ) -> Any:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except TimeoutError as exc:
+            raise UpstreamError(
+                f"no {phase} before the deadline ({phase} timeout)",
+                type="timeout",
+                provider=provider,
+            ) from exc
+
+    async def _status_error(
+        self, response: httpx.Response, provider: str, deadline: float
+    ) -> UpstreamError:
+        body = b""
+        try:
+            with map_httpx_exceptions(provider):
+                body = await self._deadline(
+                    self._read_capped(response), deadline, "error body", provider
+                )
+        except UpstreamError:
+            pass  # the status alone still classifies the failure
+        return error_from_response(
+            response.status_code, response.headers, body, provider=provider, now=time.time()
+        )
+
+    async def _not_a_stream(
+        self, response: httpx.Response, provider: str, deadline: float
+    ) -> UpstreamError:
+        """A 200 that is not an event stream: a JSON error, or a proxy's HTML page."""
+        error = await self._status_error(response, provider, deadline)
+        if error.type in ("upstream_error", "bad_request") and error.message.startswith("HTTP"):
+            content_type = response.headers.get("content-type", "")
+            return UpstreamError(
+                f"HTTP 200 with {content_type!r} instead of an event stream",
+                type="malformed",
+                provider=provider,
+                status=200,
+            )
+        return error
+
+    @staticmethod
+    async def _read_capped(response: httpx.Response) -> bytes:
+        body = b""
+        async for data in response.aiter_bytes():
+            body += data
+            if len(body) >= MAX_ERROR_BODY_BYTES:
+                break
+        return body
