@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from aiohttp import WSMsgType, web
 from loguru import logger
 
+from . import dbbroadcast
 from .authorization import AuthContext, AuthorizationUnavailable
 from .faults import AckOutcome
 from .protocol import (
@@ -32,6 +34,7 @@ from .protocol import (
     close_frame,
     decode_binary,
     decode_text,
+    encode_broadcast,
     encode_message,
     payload_too_large,
     reply_frame,
@@ -90,6 +93,9 @@ class ChannelSession:
     token: str | None
     can_write: bool | None = None
     expiry_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # ref §3 "Replay": pushed right after the join reply; live copies of them suppressed.
+    replay: list[UserBroadcast] = field(default_factory=list, repr=False)
+    replayed_ids: set[str] = field(default_factory=set, repr=False)
 
     @property
     def sub_topic(self) -> str:
@@ -298,6 +304,10 @@ class SocketSession:
                 ),
                 from_socket=True,
             )
+            for message in channel.replay:
+                data = encode_broadcast(self.version, channel.topic, message)
+                if data is not None:
+                    self.push(data, from_socket=True)
             self.server.attach_channel(channel)
         finally:
             self._unblock()
@@ -352,8 +362,28 @@ class SocketSession:
             raise JoinRefused(
                 f"Unauthorized: You do not have permissions to read from this Channel topic: {name}"
             )
+        if replay is not None:
+            await self._load_replay(channel, replay)
         self.server.stats.joins += 1
         return channel
+
+    async def _load_replay(self, channel: ChannelSession, replay: Any) -> None:
+        since = replay.get("since") if isinstance(replay, dict) else None
+        if not isinstance(since, int) or isinstance(since, bool):
+            raise JoinRefused("UnableToReplayMessages: Replay params are not valid")
+        url = self.server.database_url
+        if url is None:
+            raise JoinRefused("UnableToReplayMessages: Realtime was unable to replay messages")
+        try:
+            channel.replay = await dbbroadcast.fetch_replay(
+                url, channel.sub_topic, since, dbbroadcast.replay_limit(replay.get("limit"))
+            )
+        except psycopg.Error as exc:
+            log.warning("replay query failed: {}", exc)
+            raise JoinRefused(
+                "UnableToReplayMessages: Realtime was unable to replay messages"
+            ) from exc
+        channel.replayed_ids = {str((m.meta or {}).get("id")) for m in channel.replay}
 
     async def _may_read(self, channel: ChannelSession) -> bool:
         try:

@@ -62,3 +62,41 @@ async def listen(database_url: str, publish: Publish, ready: asyncio.Event) -> N
         except psycopg.Error as exc:
             log.warning("database broadcast listener failed, retrying: {}", exc)
             await asyncio.sleep(RETRY_S)
+
+
+# ref §3 "Replay": limit clamped 1..25 (default 25); stored (realtime.send) private rows of
+# the topic since `since` (epoch ms), oldest first. `inserted_at` is a local timestamp
+# (DEFAULT now()), so `since` is converted in the session's time zone.
+REPLAY_MAX = 25
+_REPLAY = (
+    "SELECT id, event, payload, binary_payload FROM ("
+    " SELECT id, event, payload, binary_payload, inserted_at FROM realtime.messages"
+    " WHERE topic = %s AND private IS TRUE AND extension = 'broadcast'"
+    " AND inserted_at >= (to_timestamp(%s / 1000.0) AT TIME ZONE current_setting('TimeZone'))"
+    " ORDER BY inserted_at DESC LIMIT %s) AS recent ORDER BY inserted_at"
+)
+
+
+def replay_limit(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return REPLAY_MAX
+    return max(1, min(REPLAY_MAX, value))
+
+
+async def fetch_replay(
+    database_url: str, sub: str, since_ms: int, limit: int
+) -> list[UserBroadcast]:
+    """Rows to replay to a joining private channel, as user broadcasts with
+    `meta = {"id": id, "replayed": true}`."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cur = await conn.execute(_REPLAY, (sub, since_ms, limit))
+        rows = await cur.fetchall()
+    replayed: list[UserBroadcast] = []
+    for row_id, event, payload, binary in rows:
+        message = row_to_broadcast(str(row_id), event, payload, binary)
+        replayed.append(
+            UserBroadcast(
+                message.event, message.encoding, message.data, {"id": str(row_id), "replayed": True}
+            )
+        )
+    return replayed

@@ -73,6 +73,13 @@ class RealtimeStats:
     upgrades_refused: dict[int, int] = field(default_factory=dict)  # by HTTP status
 
 
+def _already_replayed(channel: ChannelSession, message: Broadcast) -> bool:
+    # ref §3 "Replay": later live copies of a replayed message are suppressed.
+    if not channel.replayed_ids or not isinstance(message, UserBroadcast) or not message.meta:
+        return False
+    return str(message.meta.get("id")) in channel.replayed_ids
+
+
 class RealtimeServer:
     """A faithful local stand-in for Supabase Realtime (broadcast only).
 
@@ -273,7 +280,7 @@ class RealtimeServer:
         """
         delivered = 0
         for channel in list(tenant.subscribers.get(key, ())):
-            if channel is exclude:
+            if channel is exclude or _already_replayed(channel, message):
                 continue
             tenant.events.add(1)  # ref §6: +1 per delivery to each subscribed channel
             data = encode_broadcast(channel.socket.version, topic, message)
