@@ -195,25 +195,32 @@ def _with_type(error: UpstreamError, kind: UpstreamErrorType) -> UpstreamError:
     )
 
 
-@contextlib.contextmanager
-def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator[None]:
-    """Translate httpx transport failures, once, at the edge (httpx's own pattern)."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        phase = type(exc).__name__  # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
-        raise UpstreamError(
-            f"{phase}: {str(exc) or 'timed out'}",
+def error_from_httpx(
+    exc: httpx.HTTPError, provider: str, *, tokens_received: int = 0
+) -> UpstreamError:
+    """One httpx failure as an `UpstreamError` (the caller raises it `from exc`)."""
+    if isinstance(exc, httpx.TimeoutException):
+        # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
+        return UpstreamError(
+            f"{type(exc).__name__}: {str(exc) or 'timed out'}",
             type="timeout",
             provider=provider,
             tokens_received=tokens_received,
-        ) from exc
-    except httpx.TransportError as exc:
-        # ConnectError, ReadError (connection reset), RemoteProtocolError (peer closed
-        # mid-body, incomplete chunked read), WriteError, ProxyError...
-        raise UpstreamError(
-            f"{type(exc).__name__}: {str(exc) or 'connection reset or closed by the peer'}",
-            type="connection_lost",
-            provider=provider,
-            tokens_received=tokens_received,
-        ) from exc
+        )
+    # ConnectError, ReadError (connection reset), RemoteProtocolError (peer closed
+    # mid-body, incomplete chunked read), WriteError, ProxyError, decoding errors...
+    return UpstreamError(
+        f"{type(exc).__name__}: {str(exc) or 'connection reset or closed by the peer'}",
+        type="connection_lost",
+        provider=provider,
+        tokens_received=tokens_received,
+    )
+
+
+@contextlib.contextmanager
+def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator[None]:
+    """Translate httpx failures, once, at the edge (httpx's own `map_*_exceptions` pattern)."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise error_from_httpx(exc, provider, tokens_received=tokens_received) from exc
