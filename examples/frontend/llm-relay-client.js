@@ -1,0 +1,251 @@
+// Subscribe to an llm-token-relay session with the official supabase-js client.
+//
+// Dependency-free ES module: pass in your own supabase-js client. It joins
+// `llm-token:<session>` (private by default), reassembles each stream with the
+// client rule (reassembly.js), merges the snapshot row for late and reconnecting
+// subscribers, and reports every change through one callback.
+//
+//   import { subscribeToSession } from "./llm-relay-client.js";
+//   const sub = subscribeToSession(supabase, {
+//     session, accessToken: userJwt,
+//     onUpdate: (view) => render(view.content, view.reasoning),
+//   });
+//   sub.watch(requestId);    // load its snapshot now (optional)
+//   await sub.unsubscribe();
+
+import { StreamAssembler } from "./reassembly.js";
+
+export { StreamAssembler } from "./reassembly.js";
+
+export const EVENTS = Object.freeze({
+  token: "llm-token",
+  done: "llm-done",
+  error: "llm-error",
+  status: "llm-status",
+});
+
+const DEFAULT_SNAPSHOT = Object.freeze({
+  table: "llm_requests",
+  idColumn: "id",
+  contentColumn: "content",
+  reasoningColumn: "reasoning",
+  nextOffsetColumn: "next_offset",
+  statusColumn: "status",
+});
+
+/** Row statuses that mean the stream ended; its row then holds the final text. */
+export const DONE_STATUSES = Object.freeze(["done", "completed", "succeeded"]);
+export const FAILED_STATUSES = Object.freeze(["failed", "error", "cancelled", "canceled"]);
+
+/** The topic of a session, from a template with `{session}` in it. */
+export function topicFor(session, template = "llm-token:{session}") {
+  return template.replace("{session}", String(session));
+}
+
+/**
+ * @param {any} supabase a client from `createClient()` of @supabase/supabase-js
+ * @param {import("./llm-relay-client").SubscribeOptions} options
+ * @returns {import("./llm-relay-client").SessionSubscription}
+ */
+export function subscribeToSession(supabase, options) {
+  if (!supabase || typeof supabase.channel !== "function") {
+    throw new TypeError("subscribeToSession needs a supabase-js client");
+  }
+  if (!options || options.session === undefined || options.session === null) {
+    throw new TypeError("subscribeToSession needs options.session");
+  }
+  return new Subscription(supabase, options);
+}
+
+class Subscription {
+  constructor(supabase, options) {
+    this.supabase = supabase;
+    this.options = options;
+    this.topic = topicFor(options.session, options.topicTemplate);
+    this.checkpointIntervalMs = options.checkpointIntervalMs ?? 1000;
+    this.snapshot =
+      options.snapshot === false ? null : { ...DEFAULT_SNAPSHOT, ...(options.snapshot ?? {}) };
+    this.now = options.now ?? (() => performance.now());
+    /** @type {Map<string, StreamAssembler>} */
+    this.streams = new Map();
+    /** stream id -> {timer, inFlight} */
+    this._reads = new Map();
+    this.channelState = "joining";
+    this.closed = false;
+    this.joins = 0;
+    this.messages = 0;
+
+    if (options.accessToken) supabase.realtime.setAuth(options.accessToken);
+    const config = { private: options.private !== false };
+    if (options.broadcast) config.broadcast = options.broadcast;
+    this.channel = supabase.channel(this.topic, { config });
+    this.channel
+      .on("broadcast", { event: EVENTS.token }, (m) => this._onToken(m.payload))
+      .on("broadcast", { event: EVENTS.status }, (m) => this._onMeta("status", m.payload))
+      .on("broadcast", { event: EVENTS.error }, (m) => this._onMeta("error", m.payload))
+      .on("broadcast", { event: EVENTS.done }, (m) => this._onMeta("done", m.payload))
+      .subscribe((state, err) => this._onChannel(state, err));
+    for (const id of options.streams ?? []) this.watch(id);
+  }
+
+  /** The assembler of a stream, created on first sight. */
+  _stream(id) {
+    const key = String(id);
+    let s = this.streams.get(key);
+    if (!s) {
+      s = new StreamAssembler({ stream: key, offsetScope: this.options.offsetScope });
+      s.firstSeenAt = this.now();
+      this.streams.set(key, s);
+    }
+    return s;
+  }
+
+  _emit(stream, event) {
+    const view = stream.view();
+    view.channel = this.channelState;
+    try {
+      this.options.onUpdate?.(view, event);
+    } catch (err) {
+      // a throwing callback must not break reassembly of the next message
+      console.error("llm-relay onUpdate callback failed", err);
+    }
+  }
+
+  _onToken(payload) {
+    if (this.closed || !payload || payload.stream === undefined) return;
+    this.messages += 1;
+    const stream = this._stream(payload.stream);
+    const at = this.now();
+    if (stream.firstTokenAt === undefined) stream.firstTokenAt = at;
+    stream.lastMessageAt = at;
+    const outcome = stream.pushTokens(payload);
+    this._emit(stream, { type: "token", outcome, payload, at });
+    this._scheduleRead(stream);
+  }
+
+  _onMeta(kind, payload) {
+    if (this.closed || !payload || payload.stream === undefined) return;
+    this.messages += 1;
+    const stream = this._stream(payload.stream);
+    if (kind === "status") stream.pushStatus(payload);
+    else if (kind === "error") stream.pushError(payload);
+    else stream.pushDone(payload);
+    this._emit(stream, { type: kind, payload, at: this.now() });
+    this._scheduleRead(stream);
+  }
+
+  _onChannel(state, err) {
+    this.channelState = state;
+    if (state === "SUBSCRIBED") {
+      this.joins += 1;
+      // (Re)joined: whatever was broadcast while we were away is only in the
+      // snapshot row, so read it for every stream not yet complete.
+      for (const stream of this.streams.values()) {
+        if (!stream.isComplete() && !stream.isFailed()) this._readSnapshot(stream);
+      }
+    }
+    this.options.onChannel?.(state, err ?? null);
+  }
+
+  /**
+   * Read the snapshot when the assembler needs it (a gap, or done but short),
+   * then again every checkpoint interval while it still does.
+   */
+  _scheduleRead(stream) {
+    if (!this.snapshot || this.closed || !stream.needsSnapshot()) return;
+    const r = this._reads.get(stream.stream);
+    if (r && (r.timer || r.inFlight)) return;
+    this._readSnapshot(stream);
+  }
+
+  async _readSnapshot(stream) {
+    if (!this.snapshot || this.closed) return;
+    let r = this._reads.get(stream.stream);
+    if (!r) {
+      r = { timer: null, inFlight: false };
+      this._reads.set(stream.stream, r);
+    }
+    if (r.inFlight) return;
+    if (r.timer) {
+      clearTimeout(r.timer);
+      r.timer = null;
+    }
+    r.inFlight = true;
+    const s = this.snapshot;
+    const cols = [s.contentColumn, s.reasoningColumn, s.nextOffsetColumn, s.statusColumn];
+    let result;
+    try {
+      result = await this.supabase
+        .from(s.table)
+        .select(cols.filter(Boolean).join(","))
+        .eq(s.idColumn, stream.stream)
+        .maybeSingle();
+    } catch (err) {
+      result = { data: null, error: err };
+    } finally {
+      r.inFlight = false;
+    }
+    if (this.closed) return;
+    const { data, error } = result;
+    if (error) {
+      this._emit(stream, { type: "snapshot-error", error, at: this.now() });
+    } else if (data) {
+      const moved = stream.applySnapshot({
+        content: data[s.contentColumn],
+        reasoning: data[s.reasoningColumn],
+        nextOffset: data[s.nextOffsetColumn],
+        nextOffsets: {
+          content: data[`content_${s.nextOffsetColumn}`],
+          reasoning: data[`reasoning_${s.nextOffsetColumn}`],
+        },
+      });
+      stream.rowStatus = s.statusColumn ? (data[s.statusColumn] ?? null) : null;
+      this._settleFromRow(stream, data);
+      this._emit(stream, { type: "snapshot", moved, row: data, at: this.now() });
+    }
+    // A snapshot that still ends before the held live messages (or before the
+    // announced end) is older than the next checkpoint: read again later.
+    if (stream.needsSnapshot() && !this.closed) {
+      r.timer = setTimeout(() => {
+        r.timer = null;
+        this._readSnapshot(stream);
+      }, this.checkpointIntervalMs);
+    }
+  }
+
+  /**
+   * A subscriber that was away when `llm-done` / `llm-error` went out learns the
+   * end from the row: a terminal status with the final text.
+   */
+  _settleFromRow(stream, row) {
+    if (stream.done !== null || stream.isFailed()) return;
+    const status = stream.rowStatus;
+    const s = this.snapshot;
+    if (DONE_STATUSES.includes(status)) {
+      stream.pushDone({ stream: stream.stream, status, next_offset: row[s.nextOffsetColumn], from_snapshot: true });
+    } else if (FAILED_STATUSES.includes(status)) {
+      stream.pushError({ stream: stream.stream, type: status, retryable: false, from_snapshot: true });
+    }
+  }
+
+  /** Follow a stream by id (e.g. the request row you just inserted); reads its snapshot. */
+  watch(streamId) {
+    const stream = this._stream(streamId);
+    if (this.channelState === "SUBSCRIBED") this._readSnapshot(stream);
+    return stream.view();
+  }
+
+  /** The current view of one stream, or null. */
+  view(streamId) {
+    const s = this.streams.get(String(streamId));
+    return s ? s.view() : null;
+  }
+
+  /** Leave the channel and stop reading snapshots. */
+  async unsubscribe() {
+    this.closed = true;
+    for (const r of this._reads.values()) if (r.timer) clearTimeout(r.timer);
+    this._reads.clear();
+    await this.supabase.removeChannel(this.channel);
+  }
+}

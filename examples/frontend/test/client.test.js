@@ -1,0 +1,146 @@
+// The shell around the assembler, against an in-memory stand-in of the two
+// supabase-js calls it makes (channel + from().select().eq().maybeSingle()).
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+
+import { subscribeToSession, topicFor } from "../llm-relay-client.js";
+
+class FakeSupabase {
+  constructor(rows) {
+    this.rows = rows; // stream id -> array of successive snapshot rows (last one repeats)
+    this.reads = [];
+    this.auth = null;
+    this.removed = false;
+    this.realtime = { setAuth: (t) => (this.auth = t) };
+  }
+
+  channel(topic, opts) {
+    const handlers = [];
+    const ch = {
+      topic,
+      opts,
+      on: (type, filter, cb) => {
+        handlers.push({ event: filter.event, cb });
+        return ch;
+      },
+      subscribe: (cb) => {
+        ch.state = cb;
+        return ch;
+      },
+      deliver: (event, payload) => {
+        for (const h of handlers) if (h.event === event) h.cb({ type: "broadcast", event, payload });
+      },
+    };
+    this.ch = ch;
+    return ch;
+  }
+
+  from(table) {
+    const q = { table };
+    const builder = {
+      select: (cols) => ((q.cols = cols), builder),
+      eq: (col, v) => ((q.col = col), (q.id = v), builder),
+      maybeSingle: async () => {
+        this.reads.push(q);
+        const list = this.rows[q.id] ?? [];
+        const row = list.length > 1 ? list.shift() : list[0];
+        return { data: row ?? null, error: null };
+      },
+    };
+    return builder;
+  }
+
+  async removeChannel() {
+    this.removed = true;
+  }
+}
+
+const wait = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(pred, ms = 2000) {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error("timed out");
+    await wait(2);
+  }
+}
+
+const tok = (offset, tokens, kind = "content") => ({ v: 1, stream: "r1", seq: 0, offset, kind, tokens });
+
+describe("subscribeToSession", () => {
+  it("joins the private topic after setAuth", () => {
+    const sb = new FakeSupabase({});
+    const sub = subscribeToSession(sb, { session: "abc", accessToken: "jwt" });
+    assert.equal(sub.topic, "llm-token:abc");
+    assert.equal(topicFor("x", "t:{session}"), "t:x");
+    assert.equal(sb.auth, "jwt");
+    assert.deepEqual(sb.ch.opts, { config: { private: true } });
+  });
+
+  it("a late joiner re-reads the snapshot until it reaches the first live offset", async () => {
+    const rows = {
+      r1: [
+        { content: "ab", reasoning: "", next_offset: 2, status: "running" },
+        { content: "abcde", reasoning: "", next_offset: 5, status: "running" },
+      ],
+    };
+    const sb = new FakeSupabase(rows);
+    const views = [];
+    const sub = subscribeToSession(sb, {
+      session: "s",
+      checkpointIntervalMs: 5,
+      onUpdate: (v) => views.push(v),
+    });
+    sb.ch.state("SUBSCRIBED");
+    sb.ch.deliver("llm-token", tok(4, ["e", "f"])); // joined mid-stream
+    await until(() => sub.view("r1")?.content === "abcdef");
+    assert.equal(sb.reads.length, 2);
+    assert.equal(sb.reads[0].table, "llm_requests");
+    assert.equal(sb.reads[0].col, "id");
+    sb.ch.deliver("llm-token", tok(6, ["g"]));
+    sb.ch.deliver("llm-done", { stream: "r1", next_offset: 7 });
+    assert.equal(sub.view("r1").complete, true);
+    assert.equal(sub.view("r1").content, "abcdefg");
+    assert.equal(views.at(-1).complete, true);
+    await sub.unsubscribe();
+    assert.equal(sb.removed, true);
+  });
+
+  it("after a rejoin it reads the snapshot and learns the end from the row status", async () => {
+    const sb = new FakeSupabase({
+      r1: [{ content: "hello wörld", reasoning: "hm", next_offset: 4, status: "done" }],
+    });
+    const sub = subscribeToSession(sb, { session: "s", checkpointIntervalMs: 5 });
+    sb.ch.state("SUBSCRIBED");
+    sb.ch.deliver("llm-token", tok(0, ["hm"], "reasoning"));
+    sb.ch.deliver("llm-token", tok(1, ["hello"]));
+    sb.ch.state("CHANNEL_ERROR"); // the socket was cut; the rest went out meanwhile
+    sb.ch.state("SUBSCRIBED");
+    await until(() => sub.view("r1").complete);
+    assert.equal(sub.view("r1").content, "hello wörld");
+    assert.equal(sub.view("r1").reasoning, "hm");
+    assert.equal(sub.joins, 2);
+    await sub.unsubscribe();
+  });
+
+  it("a watched stream is loaded on join, and a throwing callback breaks nothing", async () => {
+    const sb = new FakeSupabase({ r1: [{ content: "x", reasoning: null, next_offset: 1, status: "running" }] });
+    const sub = subscribeToSession(sb, {
+      session: "s",
+      streams: ["r1"],
+      onUpdate: () => {
+        throw new Error("boom");
+      },
+    });
+    const orig = console.error;
+    console.error = () => {};
+    try {
+      sb.ch.state("SUBSCRIBED");
+      await until(() => sub.view("r1").content === "x");
+      sb.ch.deliver("llm-token", tok(1, ["y"]));
+      assert.equal(sub.view("r1").content, "xy");
+    } finally {
+      console.error = orig;
+    }
+    await sub.unsubscribe();
+  });
+});
