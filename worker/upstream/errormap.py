@@ -13,6 +13,8 @@ Sources for the provider shapes this reads:
   `retry-after-ms` (milliseconds) before `retry-after`.
 - OpenAI's 429 with `code: insufficient_quota` is a billing state, not a rate:
   retrying never helps.
+- Groq's custom 498 `capacity_exceeded` (flex tier full): "Add jittered backoff and
+  retries" (console.groq.com/docs/flex-processing), so it is treated as a rate limit.
 """
 
 from __future__ import annotations
@@ -76,7 +78,15 @@ def _type_from_error_object(err: Mapping[str, Any]) -> tuple[UpstreamErrorType, 
     words = f"{err.get('type') or ''} {err.get('code') or ''}".lower()
     if "insufficient_quota" in words:
         return "rate_limit", False
-    if "rate_limit" in words or words.split()[:1] in (["tokens"], ["requests"]):
+    if (
+        "rate_limit" in words
+        or "capacity_exceeded" in words
+        or words.split()[:1]
+        in (
+            ["tokens"],
+            ["requests"],
+        )
+    ):
         return "rate_limit", None
     if any(w in words for w in ("invalid_api_key", "authentication", "permission", "unauth")):
         return "auth", None
@@ -92,7 +102,7 @@ def _type_from_error_object(err: Mapping[str, Any]) -> tuple[UpstreamErrorType, 
 def _type_from_status(status: int) -> UpstreamErrorType:
     if status in (401, 403):
         return "auth"
-    if status == 429:
+    if status in (429, 498):  # 498: Groq's flex tier at capacity (docs: retry with backoff)
         return "rate_limit"
     if status in (408, 504):
         return "timeout"
