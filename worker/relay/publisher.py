@@ -273,7 +273,12 @@ class _Lane:
 
     def _coalesce(self, first: _Item) -> _Item:
         """Merge the never-sent token batches queued right after `first` into it."""
-        if first.token is None or first.payload is not None or first.is_piece:
+        if (
+            first.token is None
+            or first.payload is not None
+            or first.is_piece
+            or not self.pub.settings.relay_adaptive_batching
+        ):
             return first
         start = self.pending.index(first)
         tokens = list(first.token.tokens)
