@@ -91,12 +91,38 @@ async def test_one_stream_arrives_exactly(server: RealtimeServer, subscriber: Su
     assert result.next_offset == 340 and result.retries == 0
     assert_exact(subscriber, topic, stream, "".join(content), "".join(reasoning))
     state = subscriber.stream(topic, stream)
-    assert state.duplicate_tokens == 0
+    # Pipelined, yet every message arrived in order: no gap was ever held, no duplicate.
+    assert state.duplicate_tokens == 0 and state.gaps == 0
     assert [s.status for s in state.statuses] == ["retrying"]
     assert state.done is not None and state.done.content_sha256 == text_checksum("".join(content))
     assert snapshots[-1].final and snapshots[-1].next_offset == 340
     assert snapshots[-1].content == "".join(content)
     assert len(snapshots) >= 2
+
+
+async def test_pipelined_pushes_keep_their_order(
+    server: RealtimeServer, subscriber: Subscriber
+) -> None:
+    topic, stream = "llm-token:p1", "p-1"
+    await subscriber.join(topic)
+    settings = relay_settings(server, relay_ack_timeout_s=1.0, relay_max_in_flight=8)
+    server.faults.ack_delay_s = 0.15  # every ack comes late, but within our timeout
+    server.faults.ack_shares(delay=1.0)
+    content = words(600)
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        await pub.wait_connected(5)
+        result = await relay_stream(
+            token_source(content, per_token_s=0.001),
+            publisher=pub,
+            topic=topic,
+            stream_id=stream,
+            settings=settings,
+        )
+        await subscriber.wait_complete(topic, stream)
+        assert 1 < pub.max_in_flight_seen <= 8
+    assert result.retries == 0
+    assert_exact(subscriber, topic, stream, "".join(content), "")
+    assert subscriber.stream(topic, stream).gaps == 0
 
 
 async def test_forced_socket_close_mid_stream(

@@ -265,10 +265,13 @@ class _Lane:
     async def _wait_ready(self) -> _Item:
         while True:
             now = time.monotonic()
-            if len(self.in_flight) < self.pub.settings.relay_max_in_flight:
-                item = self._ready(now)
-                if item is not None:
-                    return item
+            if len(self.in_flight) >= self.pub.settings.relay_max_in_flight:
+                # Window full: the next ack or failure sets `wake`.
+                await self._sleep(self.pub.settings.relay_ack_timeout_s)
+                continue
+            item = self._ready(now)
+            if item is not None:
+                return item
             await self._sleep(self._next_wake_in(now) if self.pending else 1.0)
 
     def _coalesce(self, first: _Item) -> _Item:
@@ -350,6 +353,7 @@ class _Lane:
         item.in_flight = True
         item.sent_at = time.monotonic()
         self.in_flight.add(item)
+        self.pub.max_in_flight_seen = max(self.pub.max_in_flight_seen, len(self.in_flight))
         try:
             push = await channel.push(
                 "broadcast",
@@ -546,6 +550,7 @@ class Publisher:
         self._failure: BaseException | None = None
         self.reconnections = 0
         self.clients_created = 0
+        self.max_in_flight_seen = 0  # pipelining depth reached on any topic
 
     # --- lifecycle ---
 
@@ -567,6 +572,7 @@ class Publisher:
             return
         self._http = httpx.AsyncClient(timeout=self.settings.relay_ack_timeout_s)
         self._client = self._new_client()
+        self._set_state(PublisherState.CONNECTING)
         self._supervisor = self._spawn(self._supervise(), "relay-publisher-supervisor")
 
     async def wait_connected(self, timeout_s: float) -> None:
