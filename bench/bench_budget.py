@@ -59,6 +59,7 @@ class LoadReport:
     rate_limit_triggered: int
     rate_limit_shutdowns: int
     budget_waits: int
+    window_p99_s: list[float]  # p99 latency of the tokens produced in each 10 s window
 
     @property
     def messages_per_s(self) -> float:
@@ -66,7 +67,8 @@ class LoadReport:
 
     @property
     def messages_per_token(self) -> float:
-        return self.messages_sent / max(1, self.tokens)
+        """Messages per token delivered (what each message carried, on average)."""
+        return self.messages_sent / max(1, self.tokens - self.undelivered_tokens)
 
     def line(self) -> str:
         return (
@@ -179,6 +181,10 @@ async def run_load(
         for key, t0 in produced.items()
         if key in subscriber.received_at
     ]
+    windows: dict[int, list[float]] = {}
+    for key, t0 in produced.items():
+        if key in subscriber.received_at:
+            windows.setdefault(int((t0 - start) // 10), []).append(subscriber.received_at[key] - t0)
     return LoadReport(
         mode="adaptive" if adaptive else f"fixed-{batch_size}",
         streams=streams,
@@ -199,6 +205,7 @@ async def run_load(
         rate_limit_triggered=triggered,
         rate_limit_shutdowns=stats.rate_limit_shutdowns,
         budget_waits=budget_waits,
+        window_p99_s=[_percentile(windows[w], 0.99) for w in sorted(windows)],
     )
 
 
@@ -223,6 +230,10 @@ def _markdown(reports: list[LoadReport], args: argparse.Namespace) -> str:
             f"| {r.max_latency_s * 1000:.0f} ms | {r.complete_streams}/{r.streams} "
             f"| {r.undelivered_tokens} | {r.rate_limit_triggered} |"
         )
+    windows = [
+        f"- {r.mode}: " + ", ".join(f"{p * 1000:.0f}" for p in r.window_p99_s) + " ms"
+        for r in reports
+    ]
     return "\n".join(
         [
             "# Budget benchmark: adaptive batches vs fixed batches of 20",
@@ -237,13 +248,17 @@ def _markdown(reports: list[LoadReport], args: argparse.Namespace) -> str:
             "",
             *rows,
             "",
+            "p99 latency of the tokens produced in each 10 s window:",
+            "",
+            *windows,
+            "",
         ]
     )
 
 
 async def _main(args: argparse.Namespace) -> list[LoadReport]:
     reports = []
-    for adaptive in (True, False):
+    for adaptive in [m == "adaptive" for m in args.modes.split(",")]:
         report = await run_load(
             streams=args.streams,
             tokens_per_s=args.rate,
@@ -253,6 +268,7 @@ async def _main(args: argparse.Namespace) -> list[LoadReport]:
             grace_s=args.grace,
         )
         print(report.line(), flush=True)
+        print("  p99 per 10 s window (ms):", [round(p * 1000) for p in report.window_p99_s])
         reports.append(report)
     return reports
 
@@ -265,6 +281,7 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=float, default=100.0)
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--out", default="bench/RESULTS-budget.md")
+    parser.add_argument("--modes", default="adaptive,fixed", help="adaptive,fixed")
     arguments = parser.parse_args()
     done = asyncio.run(_main(arguments))
     if arguments.out:

@@ -274,3 +274,34 @@ async def test_rest_fallback_while_the_socket_is_down(
     assert result.error is None
     assert result.rest_messages > 0 and server.stats.rest_messages > 0
     assert_exact(subscriber, topic, stream, "".join(content), "")
+
+
+async def test_acks_stop_coming_the_client_is_replaced(
+    server: RealtimeServer, subscriber: Subscriber
+) -> None:
+    topic, stream = "llm-token:s7", "st-7"
+    await subscriber.join(topic)
+    settings = relay_settings(server, relay_ack_timeout_s=0.3)
+    content = words(300)
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        await pub.wait_connected(5)
+        task = asyncio.create_task(
+            relay_stream(
+                token_source(content, per_token_s=0.003),
+                publisher=pub,
+                topic=topic,
+                stream_id=stream,
+                settings=settings,
+            )
+        )
+        await asyncio.sleep(0.2)
+        # The socket stays open but swallows every push (a half-dead connection:
+        # realtime-py never checks heartbeat replies, so only our acks can tell).
+        server.faults.ack_shares(drop=1.0)
+        await asyncio.sleep(1.5)
+        server.faults.clear()
+        result = await asyncio.wait_for(task, 30)
+        await subscriber.wait_complete(topic, stream)
+        assert pub.clients_created >= 2
+    assert result.error is None and result.retries > 0
+    assert_exact(subscriber, topic, stream, "".join(content), "")
