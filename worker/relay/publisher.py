@@ -157,6 +157,12 @@ class StreamHandle:
             async with asyncio.timeout(timeout_s):
                 while self.outstanding:
                     self._publisher._raise_if_failed()
+                    if self._publisher.state is PublisherState.CLOSED:
+                        raise PublishError(
+                            "publisher closed with messages unacknowledged",
+                            topic=self.topic,
+                            reason="closed",
+                        )
                     self._idle.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.5):
