@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from devstack.jwt import api_key
 from devstack.realtime import RealtimeServer, Timings
@@ -51,6 +52,10 @@ async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
         yield sub
     finally:
         await sub.close()
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def assert_exact(sub: Subscriber, topic: str, stream: str, content: str, reasoning: str) -> None:
@@ -160,6 +165,9 @@ async def test_ack_errors_retry_then_token_fallback(
     server: RealtimeServer, subscriber: Subscriber
 ) -> None:
     topic, stream = "llm-token:s3", "st-3"
+    fallbacks_before = metric("relay_fallbacks_total")
+    retries_before = metric("relay_retries_total")
+    errors_before = metric("relay_flush_failures_total", reason="error")
     await subscriber.join(topic)
     settings = relay_settings(server)
     content = words(6)
@@ -177,6 +185,9 @@ async def test_ack_errors_retry_then_token_fallback(
         )
         await subscriber.wait_complete(topic, stream)
     assert (result.retries, result.fallbacks) == (3, 1)
+    assert metric("relay_fallbacks_total") >= fallbacks_before + 1
+    assert metric("relay_retries_total") >= retries_before + 3
+    assert metric("relay_flush_failures_total", reason="error") >= errors_before + 4
     assert_exact(subscriber, topic, stream, "".join(content), "")
     # Five one-token pieces replaced the batch: 1 + 1 + 5 messages.
     assert server.stats.replies.get("error") == 4
@@ -244,6 +255,8 @@ async def test_rest_fallback_while_the_socket_is_down(
     server: RealtimeServer, subscriber: Subscriber
 ) -> None:
     topic, stream = "llm-token:s6", "st-6"
+    rest_ok_before = metric("relay_rest_sends_total", outcome="ok")
+    reconnect_errors_before = metric("relay_reconnections_total", outcome="error")
     await subscriber.join(topic)
     settings = relay_settings(server)
     content = words(300)
@@ -273,6 +286,8 @@ async def test_rest_fallback_while_the_socket_is_down(
         await subscriber.wait_complete(topic, stream)
     assert result.error is None
     assert result.rest_messages > 0 and server.stats.rest_messages > 0
+    assert metric("relay_rest_sends_total", outcome="ok") >= rest_ok_before + result.rest_messages
+    assert metric("relay_reconnections_total", outcome="error") > reconnect_errors_before
     assert_exact(subscriber, topic, stream, "".join(content), "")
 
 
