@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +19,12 @@ MS = float(os.environ.get("RELAY_TEST_MS", "0.001"))
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def pg_cluster() -> Iterator[EmbeddedPostgres]:
     """A real PostgreSQL 16 for the whole session, with a migrated template database."""
-    data_dir = Path(tmp_path_factory.mktemp("pg")) / "data"
+    # Not under pytest's basetemp: pytest resets /tmp/pytest-of-<user> to mode 0700,
+    # which locks out the unprivileged user pgserver runs postgres as (we run as root).
+    root = Path(tempfile.mkdtemp(prefix="llm-relay-pg-"))
+    data_dir = root / "data"
     pg = EmbeddedPostgres(data_dir)
     pg.start()
     template_url = pg.create_database(TEMPLATE_DB)
@@ -28,6 +33,7 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPos
         yield pg
     finally:
         pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

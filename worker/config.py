@@ -6,7 +6,7 @@ read the environment: they receive this object, or the frozen view they need.
 
 Every field has a unit in its name (`_s`, `_ms`) and a one-line description,
 which `.env.example` and the README's configuration table are generated from
-(`python -m worker.config --env-example` / `--markdown`; a test fails on drift).
+(`python -m worker.config --env-example` / `--readme`; a test fails on drift).
 """
 
 from __future__ import annotations
@@ -322,6 +322,53 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_HTTP_PORT"),
         description="Port of /healthz, /readyz and /metrics (0 disables).",
     )
+    relay_http_host: str = Field(
+        "0.0.0.0",
+        validation_alias=_env("RELAY_HTTP_HOST"),
+        description="Address /healthz, /readyz and /metrics listen on.",
+    )
+
+    relay_heartbeat_interval_s: float = Field(
+        10.0,
+        gt=0,
+        validation_alias=_env("RELAY_HEARTBEAT_INTERVAL_S"),
+        description="Period of the lease heartbeat (keep it well under RELAY_LEASE_S).",
+    )
+    relay_worker_id: str = Field(
+        "",
+        validation_alias=_env("RELAY_WORKER_ID"),
+        description="Name this worker writes as lease owner (empty: <host>-<pid>).",
+    )
+    relay_db_pool_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        validation_alias=_env("RELAY_DB_POOL_SIZE"),
+        description="Postgres connections one worker uses for queue queries (plus one LISTEN).",
+    )
+    relay_allowed_models: str = Field(
+        "",
+        validation_alias=_env("RELAY_ALLOWED_MODELS"),
+        description="Comma-separated models a request may name (empty: any model).",
+    )
+    relay_max_message_chars: int = Field(
+        200_000,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_MESSAGE_CHARS"),
+        description="Largest total text of a request's messages, in characters.",
+    )
+    relay_max_messages: int = Field(
+        200,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_MESSAGES"),
+        description="Most messages one request may carry.",
+    )
+    relay_max_tokens_cap: int = Field(
+        4096,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_TOKENS_CAP"),
+        description="Largest max_tokens a request may ask for (also the default when unset).",
+    )
 
     # --- Logging ---
     relay_log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -358,6 +405,11 @@ class Settings(BaseSettings):
 
     def model_for(self, provider: Provider) -> str:
         return self.relay_model or DEFAULT_MODELS[provider]
+
+    @property
+    def allowed_models(self) -> frozenset[str]:
+        """The model allowlist; empty means any model is allowed."""
+        return frozenset(m.strip() for m in self.relay_allowed_models.split(",") if m.strip())
 
 
 def _env_name(name: str, field: Any) -> str:
@@ -407,8 +459,22 @@ def render_markdown_table() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the table between the settings markers of the README."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{README_START}{render_markdown_table()}\n{README_END}{tail}")
+
+
+README_START, README_END = "<!-- settings:start -->\n", "<!-- settings:end -->"
+
 if __name__ == "__main__":  # pragma: no cover - generator entry
-    if "--markdown" in sys.argv:
+    if "--readme" in sys.argv:
+        update_readme()
+    elif "--markdown" in sys.argv:
         print(render_markdown_table())
     else:
         print(render_env_example(), end="")

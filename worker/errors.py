@@ -7,6 +7,7 @@
     │                                                                     unless said)
     ├── PublishError                the Realtime side (ack error/timeout, socket down)
     ├── QueueError                  Postgres queue / lease trouble (retryable)
+    │     └── LeaseLost             another worker reclaimed the request (stop writing)
     ├── BadInputError               a malformed request, an oversized payload (never retried)
     └── ConfigError                 settings that cannot work (fatal at start-up)
 
@@ -101,6 +102,12 @@ class QueueError(RelayError):
     def __init__(self, message: str, *, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class LeaseLost(QueueError):
+    """The lease on a request expired and was reclaimed: its writes are fenced off."""
+
+    retryable = False
 
 
 class BadInputError(RelayError):

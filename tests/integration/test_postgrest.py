@@ -298,3 +298,27 @@ def test_status_table() -> None:
     assert status_for_sqlstate("23505", authenticated=True) == 409
     assert status_for_sqlstate("08006", authenticated=True) == 503
     assert status_for_sqlstate("23502", authenticated=True) == 400
+
+
+async def test_minimal_insert_needs_no_select_policy(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.inbox (id serial PRIMARY KEY, body text);"
+            "ALTER TABLE public.inbox ENABLE ROW LEVEL SECURITY;"
+            "CREATE POLICY inbox_drop ON public.inbox FOR INSERT TO authenticated"
+            " WITH CHECK (true);"
+            "GRANT INSERT ON public.inbox TO authenticated;"
+            "GRANT USAGE ON SEQUENCE public.inbox_id_seq TO authenticated;"
+        )
+    token = user_token(ALICE)
+    resp = await client.post("/rest/v1/inbox", headers=headers(token), json={"body": "hi"})
+    assert resp.status == 201
+    resp = await client.post(
+        "/rest/v1/inbox?select=*",
+        headers=headers(token, Prefer="return=representation"),
+        json={"body": "hi"},
+    )
+    assert resp.status == 403
+    assert (await resp.json())["code"] == "42501"

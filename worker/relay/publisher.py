@@ -578,6 +578,7 @@ class Publisher:
             return
         self._http = httpx.AsyncClient(timeout=self.settings.relay_ack_timeout_s)
         self._client = self._new_client()
+        # Streams may register (and queue) before the supervisor task first runs.
         self._set_state(PublisherState.CONNECTING)
         self._supervisor = self._spawn(self._supervise(), "relay-publisher-supervisor")
 

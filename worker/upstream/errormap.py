@@ -203,7 +203,7 @@ def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator
     except httpx.TimeoutException as exc:
         phase = type(exc).__name__  # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
         raise UpstreamError(
-            f"{phase}: {exc or 'timed out'}",
+            f"{phase}: {str(exc) or 'timed out'}",
             type="timeout",
             provider=provider,
             tokens_received=tokens_received,
@@ -212,7 +212,7 @@ def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator
         # ConnectError, ReadError (connection reset), RemoteProtocolError (peer closed
         # mid-body, incomplete chunked read), WriteError, ProxyError...
         raise UpstreamError(
-            f"{type(exc).__name__}: {exc or 'connection failed'}",
+            f"{type(exc).__name__}: {str(exc) or 'connection reset or closed by the peer'}",
             type="connection_lost",
             provider=provider,
             tokens_received=tokens_received,

@@ -1,0 +1,105 @@
+"""The queue's data: what a worker claims, what it writes back, what users submit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+FinalStatus = Literal["done", "failed", "cancelled"]
+NotificationOp = Literal["queued", "cancel"]
+
+# Postgres NOTIFY channel of the migrations' trigger.
+NOTIFY_CHANNEL = "llm_requests"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a late or reconnecting subscriber catches up from.
+
+    `next_offset` is the stream-wide index of the next token (content and reasoning
+    share one offset space); `next_seq` the number of the next broadcast message.
+    """
+
+    content: str = ""
+    reasoning: str = ""
+    next_offset: int = 0
+    next_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed request, as the worker sees it (inputs are not validated yet)."""
+
+    id: str
+    session_id: str
+    owner: str | None
+    provider: str | None
+    model: str | None
+    messages: Any
+    params: Any
+    attempts: int
+    snapshot: Snapshot
+    cancel_requested: bool = False
+    created_at: datetime | None = None
+
+    @property
+    def resumed(self) -> bool:
+        """Another worker streamed part of this request before (it crashed or released it)."""
+        return self.snapshot.next_offset > 0 or self.snapshot.next_seq > 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A request row as stored (for status reads, tests and `submit --wait`)."""
+
+    id: str
+    session_id: str
+    owner: str | None
+    status: JobStatus
+    attempts: int
+    lease_owner: str | None
+    cancel_requested: bool
+    snapshot: Snapshot
+    provider: str | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The end of a request, written once with its final snapshot."""
+
+    status: FinalStatus
+    snapshot: Snapshot
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A wake-up from the NOTIFY trigger: a request became claimable, or was cancelled."""
+
+    op: NotificationOp
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    """What a frontend inserts (under its own JWT, so RLS applies)."""
+
+    messages: Any
+    provider: str | None = None
+    model: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    id: str
+    session_id: str

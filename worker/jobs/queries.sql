@@ -1,0 +1,148 @@
+-- Every SQL statement of the request queue, as named blocks (`-- name: <key>`),
+-- loaded once by worker/jobs/queries.py. Parameters are psycopg's %(name)s.
+-- Time is the database's now(): one clock for every worker.
+
+-- name: claim
+-- Take up to %(limit)s requests: queued ones, and running ones whose lease
+-- expired (their worker died). One statement: FOR UPDATE SKIP LOCKED makes
+-- concurrent workers take disjoint rows without waiting for each other, and a
+-- row another worker claimed since our snapshot fails the re-check of the WHERE
+-- clause that FOR UPDATE performs on the newest row version.
+WITH claimable AS (
+  SELECT id
+  FROM public.llm_requests
+  WHERE status IN ('queued', 'running')
+    AND (status = 'queued' OR lease_expires_at < now())
+    AND NOT cancel_requested
+    AND attempts < %(max_attempts)s
+  ORDER BY created_at
+  LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE public.llm_requests AS r
+SET status = 'running',
+    lease_owner = %(worker)s,
+    lease_expires_at = now() + make_interval(secs => %(lease_s)s),
+    attempts = r.attempts + 1,
+    started_at = coalesce(r.started_at, now()),
+    updated_at = now()
+FROM claimable
+WHERE r.id = claimable.id
+RETURNING r.id, r.session_id, r.owner, r.provider, r.model, r.messages, r.params,
+          r.attempts, r.content, r.reasoning, r.next_offset, r.next_seq,
+          r.cancel_requested, r.created_at;
+
+-- name: sweep
+-- Settle rows no worker may claim: cancelled by their owner while queued or
+-- while their worker was dead, or out of attempts after a crash.
+UPDATE public.llm_requests
+SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END,
+    finish_reason = CASE WHEN cancel_requested THEN 'cancelled' ELSE finish_reason END,
+    error = CASE WHEN cancel_requested THEN error
+                 ELSE jsonb_build_object(
+                   'type', 'attempts_exhausted',
+                   'message', format('gave up after %%s attempts', attempts),
+                   'retryable', false,
+                   'last_error', error)
+            END,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    finished_at = now(),
+    updated_at = now()
+WHERE status IN ('queued', 'running')
+  AND (status = 'queued' OR lease_expires_at < now())
+  AND (cancel_requested OR attempts >= %(max_attempts)s)
+RETURNING id, status;
+
+-- name: heartbeat
+-- Extend the leases this worker still holds; a row missing from the result was
+-- lost (reclaimed after expiry) and must not be written any more.
+UPDATE public.llm_requests
+SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+WHERE id = ANY(%(ids)s::uuid[])
+  AND lease_owner = %(worker)s
+  AND status = 'running'
+RETURNING id, cancel_requested;
+
+-- name: checkpoint
+-- Store the snapshot (text + next offset); fenced by the lease.
+UPDATE public.llm_requests
+SET content = %(content)s,
+    reasoning = %(reasoning)s,
+    next_offset = %(next_offset)s,
+    next_seq = %(next_seq)s,
+    checkpointed_at = now(),
+    updated_at = now()
+WHERE id = %(id)s
+  AND lease_owner = %(worker)s
+  AND status = 'running'
+RETURNING cancel_requested;
+
+-- name: cancel_requested
+SELECT id
+FROM public.llm_requests
+WHERE id = ANY(%(ids)s::uuid[])
+  AND cancel_requested;
+
+-- name: finish
+-- The end of a request: done, failed or cancelled, with its final snapshot.
+UPDATE public.llm_requests
+SET status = %(status)s,
+    content = %(content)s,
+    reasoning = %(reasoning)s,
+    next_offset = %(next_offset)s,
+    next_seq = %(next_seq)s,
+    finish_reason = %(finish_reason)s,
+    usage = %(usage)s,
+    error = %(error)s,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    checkpointed_at = now(),
+    finished_at = now(),
+    updated_at = now()
+WHERE id = %(id)s
+  AND lease_owner = %(worker)s
+  AND status = 'running'
+RETURNING id;
+
+-- name: release
+-- Give a request back to the queue with its snapshot, so the next worker
+-- continues from it. A drain refunds the attempt: it was not the request's fault.
+UPDATE public.llm_requests
+SET status = 'queued',
+    content = %(content)s,
+    reasoning = %(reasoning)s,
+    next_offset = %(next_offset)s,
+    next_seq = %(next_seq)s,
+    error = coalesce(%(error)s, error),
+    attempts = greatest(attempts - %(refund)s, 0),
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    checkpointed_at = now(),
+    updated_at = now()
+WHERE id = %(id)s
+  AND lease_owner = %(worker)s
+  AND status = 'running'
+RETURNING id;
+
+-- name: get
+SELECT id, session_id, owner, provider, model, messages, params, status, attempts,
+       lease_owner, lease_expires_at, cancel_requested, content, reasoning,
+       next_offset, next_seq, finish_reason, usage, error, created_at, finished_at
+FROM public.llm_requests
+WHERE id = %(id)s;
+
+-- name: act_as_user
+-- What PostgREST does for a request with a user's JWT: the role and the claims
+-- for this transaction only, so RLS and auth.uid() see the user.
+SELECT set_config('role', 'authenticated', true),
+       set_config('request.jwt.claims', %(claims)s, true);
+
+-- name: submit
+INSERT INTO public.llm_requests (session_id, provider, model, messages, params)
+VALUES (coalesce(%(session_id)s::uuid, gen_random_uuid()),
+        %(provider)s, %(model)s, %(messages)s, %(params)s)
+RETURNING id, session_id;
+
+-- name: cancel
+SELECT public.cancel_llm_request(%(id)s::uuid) AS status;

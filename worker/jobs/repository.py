@@ -1,0 +1,124 @@
+"""`JobRepository`: every operation the worker performs on the request queue.
+
+Layers as in procrastinate: `Worker -> JobRepository -> driver`. The worker never
+sees SQL; `PostgresJobRepository` (worker/jobs/postgres.py) runs the named blocks of
+`queries.sql`, `InMemoryJobRepository` (worker/jobs/testing.py) implements the
+same contract in memory for unit tests.
+
+Every write that belongs to a lease is fenced by it (`lease_owner = worker` and
+status `running`): a worker whose lease was reclaimed gets `LeaseLost` and can no
+longer overwrite the new owner's progress.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from worker.jobs.models import (
+    Job,
+    JobRecord,
+    JobStatus,
+    NewRequest,
+    Notification,
+    Result,
+    Snapshot,
+    Submitted,
+)
+
+
+class JobRepository(abc.ABC):
+    """The request queue, as the worker and the `submit` command use it."""
+
+    # --- the worker side ---
+
+    @abc.abstractmethod
+    async def claim(
+        self, *, worker: str, limit: int, lease_s: float, max_attempts: int
+    ) -> list[Job]:
+        """Lease up to `limit` claimable requests (queued, or running with an expired
+        lease) to `worker`, oldest first; each claim counts one attempt."""
+
+    @abc.abstractmethod
+    async def sweep(self, *, max_attempts: int) -> list[tuple[str, JobStatus]]:
+        """Settle unclaimable rows: cancelled ones, and expired ones out of attempts."""
+
+    @abc.abstractmethod
+    async def heartbeat(
+        self, *, worker: str, ids: Sequence[str], lease_s: float
+    ) -> dict[str, bool]:
+        """Extend the leases `worker` still holds among `ids`.
+
+        Returns:
+            {id: cancel_requested} for the leases still held; an id missing was lost.
+        """
+
+    @abc.abstractmethod
+    async def checkpoint(self, *, worker: str, job_id: str, snapshot: Snapshot) -> bool:
+        """Store the snapshot. Returns whether the owner asked to cancel.
+
+        Raises:
+            LeaseLost: the lease is no longer `worker`'s.
+        """
+
+    @abc.abstractmethod
+    async def cancel_requested(self, ids: Sequence[str]) -> set[str]:
+        """The ids among `ids` whose owner asked to cancel."""
+
+    @abc.abstractmethod
+    async def finish(self, *, worker: str, job_id: str, result: Result) -> None:
+        """Write the end state and drop the lease.
+
+        Raises:
+            LeaseLost: the lease is no longer `worker`'s.
+        """
+
+    @abc.abstractmethod
+    async def release(
+        self,
+        *,
+        worker: str,
+        job_id: str,
+        snapshot: Snapshot,
+        refund_attempt: bool,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Put a running request back in the queue with its snapshot.
+
+        Raises:
+            LeaseLost: the lease is no longer `worker`'s.
+        """
+
+    @abc.abstractmethod
+    async def listen(
+        self,
+        on_notification: Callable[[Notification], None],
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> None:
+        """Deliver wake-ups until cancelled, reconnecting as needed; `on_ready(False)`
+        while not listening (polling still guarantees progress)."""
+
+    # --- reads ---
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> JobRecord | None:
+        """One request as stored, bypassing RLS (the worker's view)."""
+
+    # --- the user side (what a frontend does, under its JWT and RLS) ---
+
+    @abc.abstractmethod
+    async def submit_as(self, user_id: str, request: NewRequest) -> Submitted:
+        """Insert a request as `user_id`."""
+
+    @abc.abstractmethod
+    async def get_as(self, user_id: str, job_id: str) -> JobRecord | None:
+        """Read a request as `user_id`: None unless it is theirs."""
+
+    @abc.abstractmethod
+    async def cancel_as(self, user_id: str, job_id: str) -> JobStatus | None:
+        """Ask to cancel as `user_id`. Returns the status after the call, or None when
+        the request is not theirs, unknown, or already finished."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

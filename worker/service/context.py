@@ -1,0 +1,136 @@
+"""The contract between the worker and a stream runner.
+
+The worker claims a request, validates it, and hands it to a *stream runner*:
+
+    async def runner(job: Job, ctx: StreamContext) -> Outcome
+
+The runner streams the generation (upstream -> relay -> publisher) starting at
+`ctx.start` (offsets, message numbers and the text so far: a taken-over request
+continues where the last checkpoint left it), reports progress with
+`ctx.record(snapshot)` (cheap and synchronous; the worker writes it to Postgres
+about once a second and at the end), and returns an `Outcome`.
+
+When `ctx.aborted` is set the runner must stop within `ctx.stop_within_s`:
+- `cancelled`: the owner asked. Abort the upstream, tell the client
+  (`llm-status` cancelled), return `Outcome("cancelled", ...)`.
+- `shutdown`: the worker drains. Stop, flush what was published, return
+  `Outcome("interrupted", exact snapshot)`; the worker releases the request and
+  another worker continues from that snapshot.
+- `lease_lost`: another worker owns the request now. Stop publishing at once.
+A runner that does not stop in time is cancelled (asyncio), and the worker
+settles with the last recorded snapshot.
+
+Raising is allowed: a `RelayError` carries type and retryability; anything else is
+an internal error. Retryable failures are released for another attempt (up to
+RELAY_MAX_ATTEMPTS), the rest are failed with their reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from worker.errors import BadInputError, PublishError, QueueError, RelayError, UpstreamError
+from worker.jobs.models import Job, Snapshot
+from worker.upstream.events import GenerationRequest
+
+AbortReason = Literal["cancelled", "shutdown", "lease_lost"]
+OutcomeKind = Literal["done", "failed", "cancelled", "interrupted"]
+
+# The owner's cancel must stop the upstream within a second (issue 6).
+CANCEL_STOP_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a stream ended, with the snapshot of everything published."""
+
+    kind: OutcomeKind
+    snapshot: Snapshot
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return bool(self.error and self.error.get("retryable"))
+
+
+class StreamContext:
+    """What one stream needs from the worker, and how it reports back."""
+
+    def __init__(self, job: Job, request: GenerationRequest, *, topic: str) -> None:
+        self.job = job
+        self.request = request
+        self.topic = topic
+        self.start: Snapshot = job.snapshot
+        self._latest: Snapshot = job.snapshot
+        self._aborted = asyncio.Event()
+        self.abort_reason: AbortReason | None = None
+        self.stop_within_s: float = CANCEL_STOP_S
+
+    @property
+    def stream_id(self) -> str:
+        """The `stream` field of every payload: the request id, stable across takeovers."""
+        return self.job.id
+
+    @property
+    def start_offset(self) -> int:
+        return self.start.next_offset
+
+    @property
+    def start_seq(self) -> int:
+        return self.start.next_seq
+
+    @property
+    def resumed(self) -> bool:
+        return self.job.resumed
+
+    @property
+    def latest(self) -> Snapshot:
+        return self._latest
+
+    def record(self, snapshot: Snapshot) -> None:
+        """Report progress: the text and offsets of everything published so far."""
+        if snapshot.next_offset < self._latest.next_offset:
+            raise ValueError("a snapshot cannot move backwards")
+        self._latest = snapshot
+
+    @property
+    def aborted(self) -> asyncio.Event:
+        return self._aborted
+
+    def abort(self, reason: AbortReason, *, within_s: float = CANCEL_STOP_S) -> None:
+        """Ask the runner to stop (worker side). The first reason wins."""
+        if self._aborted.is_set():
+            return
+        self.abort_reason = reason
+        self.stop_within_s = within_s
+        self._aborted.set()
+
+
+StreamRunner = Callable[[Job, StreamContext], Awaitable[Outcome]]
+# Told when a request is rejected before streaming (e.g. to publish `llm-error`).
+RejectHook = Callable[[Job, str, dict[str, Any]], Awaitable[None]]
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """The `error` column of a failed request: type, message, retryable, and data."""
+    if isinstance(exc, UpstreamError):
+        info: dict[str, Any] = {"type": exc.type, "provider": exc.provider, "status": exc.status}
+    elif isinstance(exc, BadInputError):
+        info = {"type": "bad_request", "field": exc.field}
+    elif isinstance(exc, PublishError):
+        info = {"type": "publish", "reason": exc.reason}
+    elif isinstance(exc, QueueError):
+        info = {"type": "queue"}
+    elif isinstance(exc, RelayError):
+        info = {"type": type(exc).__name__}
+    else:
+        # A bug: keep the class, not the text (it could echo user data).
+        return {"type": "internal", "message": type(exc).__name__, "retryable": False}
+    info["message"] = exc.message
+    info["retryable"] = exc.retryable
+    return info

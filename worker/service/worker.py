@@ -1,0 +1,484 @@
+"""The worker: claims requests, streams them through a runner, keeps them durable.
+
+    Worker -> JobRepository -> driver        (it never sees SQL)
+
+- A claim loop fills free slots (RELAY_CONCURRENCY), woken by NOTIFY and by
+  finished streams, with polling as the guarantee (RELAY_POLL_INTERVAL_S).
+- Side tasks, each named and monitored: lease heartbeat, checkpointer (snapshots
+  about once a second, plus the cancel poll), LISTEN, and whatever the caller adds
+  (the metrics server). If one dies, the worker stops loudly: it drains and `run()`
+  re-raises that task's exception.
+- `stop()` only sets an event. Shutdown runs in order: stop claiming; let streams
+  finish until shortly before the grace period ends; ask the rest to stop and
+  release them with their snapshots (another worker continues them); cancel
+  whatever still runs and release it under `asyncio.shield`; stop the side tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from worker.config import Settings
+from worker.errors import BadInputError, LeaseLost, QueueError
+from worker.jobs.models import Job, Notification, Result, Snapshot
+from worker.jobs.repository import JobRepository
+from worker.service.context import (
+    AbortReason,
+    Outcome,
+    RejectHook,
+    StreamContext,
+    StreamRunner,
+    error_info,
+)
+from worker.service.metrics import Metrics
+from worker.service.validation import validate_job
+
+SideTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
+
+# Part of the grace period kept for stopping and releasing unfinished streams.
+STOP_MARGIN_S = 2.0
+# Retries of a final write (finish / release) when the database hiccups.
+SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
+CLAIM_LOOP_STOP_TIMEOUT_S = 5.0
+
+
+class WorkerState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass
+class _Active:
+    job: Job
+    ctx: StreamContext | None  # None: rejected by validation, being failed
+    task: asyncio.Task[None] | None = None
+    saved: Snapshot | None = None  # the last snapshot written to Postgres
+    settling: bool = False
+
+
+async def _complete(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a final write to its end even if the caller is cancelled meanwhile."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """One worker process's queue consumer. Create, `await run()`, `stop()` to drain."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        runner: StreamRunner,
+        settings: Settings,
+        *,
+        worker_id: str | None = None,
+        metrics: Metrics | None = None,
+        side_tasks: Sequence[SideTask] = (),
+        on_rejected: RejectHook | None = None,
+    ) -> None:
+        self._repo = repository
+        self._runner = runner
+        self._settings = settings
+        self.worker_id = worker_id or settings.relay_worker_id or default_worker_id()
+        self.metrics = metrics or Metrics()
+        self._extra_side_tasks = list(side_tasks)
+        self._on_rejected = on_rejected
+        self._active: dict[str, _Active] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._state = WorkerState.CREATED
+        self._queue_ok = False
+        self._crashed: BaseException | None = None
+        self._last_sweep = float("-inf")
+        self._log = logger.bind(event="worker", worker=self.worker_id)
+
+    # --- public surface ---
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    def _set_state(self, state: WorkerState) -> None:
+        if state is not self._state:
+            self._log.info("worker {} -> {}", self._state.value, state.value)
+            self._state = state
+            self._update_ready()
+
+    @property
+    def live(self) -> bool:
+        return self._crashed is None
+
+    @property
+    def ready(self) -> bool:
+        return self._state is WorkerState.RUNNING and self._queue_ok
+
+    @property
+    def active_ids(self) -> list[str]:
+        return list(self._active)
+
+    def stop(self) -> None:
+        """Begin a graceful drain (safe from a signal handler)."""
+        if not self._stopping.is_set():
+            self._log.info("stop requested: draining")
+            self._stopping.set()
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Work until `stop()`; then drain. Re-raises the error of a side task that died."""
+        self._set_state(WorkerState.RUNNING)
+        side = self._start_side_tasks()
+        claim_loop = asyncio.create_task(self._claim_loop(), name="claim-loop")
+        try:
+            await self._monitor(claim_loop, side)
+        finally:
+            self._set_state(WorkerState.DRAINING)
+            self._stopping.set()
+            await self._stop_claim_loop(claim_loop)
+            await self._drain()
+            await self._cancel(list(side))
+            self._set_state(WorkerState.STOPPED)
+        if self._crashed is not None:
+            raise self._crashed
+
+    # --- supervision ---
+
+    def _start_side_tasks(self) -> dict[asyncio.Task[None], str]:
+        tasks: list[SideTask] = [
+            ("lease-heartbeat", self._heartbeat_loop),
+            ("checkpointer", self._checkpoint_loop),
+            ("listen", self._listen),
+            *self._extra_side_tasks,
+        ]
+        return {asyncio.create_task(factory(), name=name): name for name, factory in tasks}
+
+    async def _monitor(
+        self, claim_loop: asyncio.Task[None], side: dict[asyncio.Task[None], str]
+    ) -> None:
+        stop_wait = asyncio.create_task(self._stopping.wait(), name="stop-wait")
+        names: dict[asyncio.Task[Any], str] = {**side, claim_loop: "claim-loop"}
+        try:
+            done, _ = await asyncio.wait([stop_wait, *names], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        for task in done:
+            if task is stop_wait:
+                continue
+            error = None if task.cancelled() else task.exception()
+            self._crashed = error or RuntimeError(f"side task {names[task]} exited")
+            self._log.opt(exception=error).error("{} died: stopping the worker", names[task])
+            self.stop()
+
+    @staticmethod
+    async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- claiming ---
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wakeup.clear()  # before claiming: a NOTIFY during the claim re-wakes us
+            await self._claim_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wakeup.wait(), timeout=self._settings.relay_poll_interval_s
+                )
+
+    async def _stop_claim_loop(self, claim_loop: asyncio.Task[None]) -> None:
+        # Let a claim in flight return its rows (cancelling it could lease rows to
+        # nobody until their lease expires); cancel only a claim that hangs.
+        done, _ = await asyncio.wait({claim_loop}, timeout=CLAIM_LOOP_STOP_TIMEOUT_S)
+        if not done:
+            await self._cancel([claim_loop])
+
+    async def _claim_once(self) -> None:
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        free = s.relay_concurrency - len(self._active)
+        try:
+            if loop.time() - self._last_sweep >= s.relay_poll_interval_s:
+                self._last_sweep = loop.time()
+                for job_id, status in await self._repo.sweep(max_attempts=s.relay_max_attempts):
+                    self._log.bind(job=job_id).info("settled unclaimable request: {}", status)
+            jobs = []
+            if free > 0:
+                jobs = await self._repo.claim(
+                    worker=self.worker_id,
+                    limit=free,
+                    lease_s=s.relay_lease_s,
+                    max_attempts=s.relay_max_attempts,
+                )
+            self._set_queue_ok(True)
+        except QueueError as exc:
+            self._set_queue_ok(False)
+            self.metrics.queue_errors.inc()
+            self._log.warning("claim failed: {}", exc.message)
+            return
+        for job in jobs:
+            self._start(job)
+
+    def _set_queue_ok(self, ok: bool) -> None:
+        self._queue_ok = ok
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def _start(self, job: Job) -> None:
+        self.metrics.claimed.inc()
+        try:
+            request = validate_job(job, self._settings)
+        except BadInputError as exc:
+            active = _Active(job, None)
+            active.task = asyncio.create_task(self._reject(job, exc), name=f"reject-{job.id}")
+        else:
+            ctx = StreamContext(job, request, topic=self._settings.topic_for(job.session_id))
+            active = _Active(job, ctx, saved=job.snapshot)
+            active.task = asyncio.create_task(self._process(active), name=f"stream-{job.id}")
+        self._active[job.id] = active
+        self.metrics.in_flight.set(len(self._active))
+        active.task.add_done_callback(lambda _: self._forget(job.id))
+
+    def _forget(self, job_id: str) -> None:
+        self._active.pop(job_id, None)
+        self.metrics.in_flight.set(len(self._active))
+        self._wakeup.set()  # a slot is free
+
+    # --- one request ---
+
+    async def _reject(self, job: Job, exc: BadInputError) -> None:
+        log = self._log.bind(event="job", job=job.id)
+        log.warning("rejected: {}", exc.message)
+        self.metrics.rejected.inc()
+        error = error_info(exc)
+        result = Result("failed", job.snapshot, error=error)
+        await _complete(self._write_final(job, "failed", lambda: self._finish(job, result)))
+        if self._on_rejected is not None:
+            try:
+                await self._on_rejected(job, self._settings.topic_for(job.session_id), error)
+            except Exception:  # telling the client is best effort; the row says it all
+                log.opt(exception=True).warning("could not tell the client about the rejection")
+
+    async def _process(self, active: _Active) -> None:
+        job, ctx = active.job, active.ctx
+        assert ctx is not None
+        log = self._log.bind(event="job", job=job.id, session=job.session_id)
+        log.info(
+            "stream start (attempt {}, from offset {}{})",
+            job.attempts,
+            ctx.start_offset,
+            ", resumed" if ctx.resumed else "",
+        )
+        runner_task = asyncio.create_task(self._run_runner(job, ctx), name=f"runner-{job.id}")
+        try:
+            outcome = await self._await_runner(runner_task, ctx)
+        except asyncio.CancelledError:
+            # Forced stop at the end of the grace period: release what we have.
+            await self._cancel([runner_task])
+            active.settling = True
+            await _complete(self._settle(job, ctx, Outcome("interrupted", ctx.latest)))
+            raise
+        except Exception as exc:
+            error = error_info(exc)
+            if error["type"] == "internal":
+                log.opt(exception=exc).error("stream runner crashed")
+            outcome = Outcome("failed", ctx.latest, error=error)
+        active.settling = True
+        await _complete(self._settle(job, ctx, outcome))
+
+    async def _run_runner(self, job: Job, ctx: StreamContext) -> Outcome:
+        return await self._runner(job, ctx)
+
+    async def _await_runner(self, task: asyncio.Task[Outcome], ctx: StreamContext) -> Outcome:
+        """The runner's outcome; after an abort, give it `ctx.stop_within_s` to stop."""
+        abort_wait = asyncio.create_task(ctx.aborted.wait())
+        try:
+            await asyncio.wait({task, abort_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                done, _ = await asyncio.wait({task}, timeout=ctx.stop_within_s)
+                if not done:
+                    await self._cancel([task])
+        finally:
+            abort_wait.cancel()
+            if not task.done():  # we are being cancelled ourselves
+                task.cancel()
+        if task.cancelled():
+            if ctx.abort_reason == "cancelled":
+                return Outcome("cancelled", ctx.latest, finish_reason="cancelled")
+            return Outcome("interrupted", ctx.latest)
+        return task.result()
+
+    async def _settle(self, job: Job, ctx: StreamContext, outcome: Outcome) -> None:
+        """Write the end of one stream: finish, release, or leave it to its new owner."""
+        s = self._settings
+        snap = outcome.snapshot
+        if ctx.abort_reason == "lease_lost":
+            self.metrics.leases_lost.inc()
+            self._log.bind(job=job.id).warning("lease lost: another worker continues")
+            return
+        if outcome.kind == "interrupted":
+            refund = ctx.abort_reason == "shutdown"
+            await self._write_final(job, "released", lambda: self._release(job, snap, refund))
+        elif outcome.kind == "failed" and outcome.retryable and job.attempts < s.relay_max_attempts:
+            await self._write_final(
+                job, "retry", lambda: self._release(job, snap, False, outcome.error)
+            )
+        else:
+            status = "failed" if outcome.kind == "failed" else outcome.kind
+            finish_reason = outcome.finish_reason
+            if status == "cancelled":
+                finish_reason = finish_reason or "cancelled"
+            result = Result(status, snap, finish_reason, outcome.usage, outcome.error)
+            await self._write_final(job, status, lambda: self._finish(job, result))
+        self.metrics.tokens.inc(max(snap.next_offset - job.snapshot.next_offset, 0))
+
+    async def _finish(self, job: Job, result: Result) -> None:
+        await self._repo.finish(worker=self.worker_id, job_id=job.id, result=result)
+
+    async def _release(
+        self, job: Job, snap: Snapshot, refund: bool, error: dict[str, object] | None = None
+    ) -> None:
+        await self._repo.release(
+            worker=self.worker_id, job_id=job.id, snapshot=snap, refund_attempt=refund, error=error
+        )
+
+    async def _write_final(
+        self, job: Job, label: str, write: Callable[[], Awaitable[None]]
+    ) -> None:
+        log = self._log.bind(event="job", job=job.id)
+        for delay in (*SETTLE_RETRY_DELAYS_S, None):
+            try:
+                await write()
+            except LeaseLost:
+                self.metrics.leases_lost.inc()
+                log.warning("lease lost before the final write ({}); its new owner decides", label)
+                return
+            except QueueError as exc:
+                self.metrics.queue_errors.inc()
+                if delay is None or not exc.retryable:
+                    log.error("final write ({}) failed: {}; the lease will expire", label, exc)
+                    return
+                await asyncio.sleep(delay)
+                continue
+            self.metrics.finished.labels(outcome=label).inc()
+            log.info("stream {}", label)
+            return
+
+    # --- side tasks ---
+
+    def _abort(self, job_id: str, reason: AbortReason) -> None:
+        active = self._active.get(job_id)
+        if active is not None and active.ctx is not None and not active.settling:
+            if not active.ctx.aborted.is_set():
+                self._log.bind(job=job_id).info("aborting stream: {}", reason)
+            active.ctx.abort(reason)
+
+    def _on_notification(self, notification: Notification) -> None:
+        if notification.op == "queued":
+            self._wakeup.set()
+        elif notification.op == "cancel":
+            self._abort(notification.id, "cancelled")
+
+    async def _listen(self) -> None:
+        await self._repo.listen(self._on_notification)
+
+    async def _heartbeat_loop(self) -> None:
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        while True:
+            await asyncio.sleep(s.relay_heartbeat_interval_s)
+            ids = [i for i, a in self._active.items() if a.ctx is not None and not a.settling]
+            try:
+                held = await self._repo.heartbeat(
+                    worker=self.worker_id, ids=ids, lease_s=s.relay_lease_s
+                )
+            except QueueError as exc:
+                self.metrics.queue_errors.inc()
+                if loop.time() - last_ok > s.relay_lease_s:
+                    raise  # every lease is gone by now: stop loudly
+                self._log.warning("lease heartbeat failed: {}", exc.message)
+                continue
+            last_ok = loop.time()
+            for job_id in ids:
+                if job_id not in held:
+                    self._abort(job_id, "lease_lost")
+                elif held[job_id]:
+                    self._abort(job_id, "cancelled")
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.relay_checkpoint_interval_s)
+            try:
+                await self._checkpoint_all()
+            except QueueError as exc:
+                self.metrics.queue_errors.inc()
+                self._log.warning("checkpoint failed: {}", exc.message)
+
+    async def _checkpoint_all(self) -> None:
+        """Write changed snapshots; poll the cancel flag of the others (NOTIFY backup)."""
+        unchanged: list[str] = []
+        for job_id, active in list(self._active.items()):
+            if active.ctx is None or active.settling:
+                continue
+            snapshot = active.ctx.latest
+            if snapshot == active.saved:
+                unchanged.append(job_id)
+                continue
+            try:
+                cancel = await self._repo.checkpoint(
+                    worker=self.worker_id, job_id=job_id, snapshot=snapshot
+                )
+            except LeaseLost:
+                self._abort(job_id, "lease_lost")
+                continue
+            active.saved = snapshot
+            self.metrics.checkpoints.inc()
+            if cancel:
+                self._abort(job_id, "cancelled")
+        for job_id in await self._repo.cancel_requested(unchanged):
+            self._abort(job_id, "cancelled")
+
+    # --- shutdown ---
+
+    async def _drain(self) -> None:
+        grace = self._settings.relay_grace_period_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        margin = min(STOP_MARGIN_S, grace / 2)
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if not tasks:
+            return
+        self._log.info("draining {} stream(s) within {:.1f}s", len(tasks), grace)
+        await asyncio.wait(tasks, timeout=max(deadline - margin - loop.time(), 0))
+        for job_id in list(self._active):
+            active = self._active.get(job_id)
+            if active is not None and active.ctx is not None and not active.settling:
+                active.ctx.abort("shutdown", within_s=margin * 0.75)
+        pending = [t for t in tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0))
+        pending = [t for t in tasks if not t.done()]
+        if pending:
+            self._log.warning("grace period over: releasing {} stream(s)", len(pending))
+            await self._cancel(pending)
