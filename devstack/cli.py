@@ -27,6 +27,9 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text", default=None, help="text the simulated upstream streams")
     parser.add_argument(
+        "--reasoning-text", default="", help="reasoning the simulated upstream streams first"
+    )
+    parser.add_argument(
         "--max-events-per-second",
         type=int,
         default=None,
@@ -42,6 +45,7 @@ def stack_options(args: argparse.Namespace) -> StackOptions:
         data_dir=args.data_dir,
         upstream_tokens_per_second=args.tokens_per_second,
         upstream_text=args.text,
+        upstream_reasoning_text=args.reasoning_text,
         with_postgres=not args.no_postgres,
     )
     if args.jwt_secret:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import re
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,10 @@ class EmbeddedPostgres:
         get_server = importlib.import_module("pgserver").get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = get_server(str(self.data_dir), cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # platformdirs warns that XDG_RUNTIME_DIR is unset (root, no session): harmless.
+            warnings.simplefilter("ignore")
+            self._server = get_server(str(self.data_dir), cleanup_mode="stop")
         url = self.url
         apply_schema(url)
         return url
@@ -112,5 +116,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.cleanup()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the same platformdirs warning as start()
+                self._server.cleanup()
             self._server = None

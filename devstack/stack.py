@@ -2,8 +2,8 @@
 
 - embedded PostgreSQL 16 (pgserver), migrated with `supabase/migrations`;
 - one HTTP gateway on `SUPABASE_URL` (like Supabase's Kong) mounting the Realtime
-  stand-in under `/realtime/v1`, the PostgREST stand-in under `/rest/v1` when
-  present, and the demo page under `/demo/`;
+  stand-in under `/realtime/v1`, the PostgREST stand-in under `/rest/v1`, and the
+  demo page under `/demo/`;
 - a simulated OpenAI-compatible upstream on its own port (`OPENAI_BASE_URL`).
 
 `env()` returns the lines to paste into `.env`, like `supabase status -o env`.
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from devstack import jwt
 from devstack.postgres import REPO_ROOT, EmbeddedPostgres
+from devstack.postgrest import PostgrestServer
 from devstack.realtime import RealtimeLimits, RealtimeServer
 from devstack.upstream import SimulatedUpstream
 
@@ -39,6 +39,7 @@ class StackOptions:
     jwt_secret: str = jwt.DEFAULT_JWT_SECRET
     limits: RealtimeLimits | None = None
     upstream_text: str | None = None
+    upstream_reasoning_text: str = ""
     upstream_tokens_per_second: float = 60.0
     with_postgres: bool = True
 
@@ -69,7 +70,10 @@ class DevStack:
         )
         app = web.Application(client_max_size=8 * 1024 * 1024)
         self.realtime.add_routes(app)
-        _mount_postgrest(app, self.database_url, opts.jwt_secret)
+        if self.database_url is not None:
+            PostgrestServer(database_url=self.database_url, jwt_secret=opts.jwt_secret).add_routes(
+                app
+            )
         if FRONTEND_DIR.is_dir():
             app.router.add_static("/demo/", FRONTEND_DIR, show_index=False)
         self._runner = web.AppRunner(app, access_log=None)
@@ -82,6 +86,7 @@ class DevStack:
             "port": opts.upstream_port,
             "tokens_per_second": opts.upstream_tokens_per_second,
             "api_key": SIMULATED_API_KEY,
+            "reasoning_text": opts.upstream_reasoning_text,
         }
         if opts.upstream_text is not None:
             upstream_kwargs["text"] = opts.upstream_text
@@ -134,14 +139,3 @@ def _bound_port(site: web.TCPSite) -> int:
     for sock in sockets:
         return int(sock.getsockname()[1])
     raise RuntimeError("gateway did not bind")
-
-
-def _mount_postgrest(app: web.Application, database_url: str | None, secret: str) -> None:
-    """Mount the PostgREST stand-in when it is installed and a database runs."""
-    if database_url is None:
-        return
-    try:
-        module = importlib.import_module("devstack.postgrest")
-    except ModuleNotFoundError:
-        return
-    module.PostgrestStandIn(database_url=database_url, jwt_secret=secret).add_routes(app)

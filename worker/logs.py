@@ -18,7 +18,7 @@ from loguru import logger
 
 # Third-party loggers worth seeing; their DEBUG is very chatty (realtime logs frames).
 _ROUTED = ("httpx", "httpcore", "realtime", "websockets", "psycopg", "asyncio")
-_QUIET_BELOW_WARNING = ("httpcore", "websockets", "realtime", "httpx")
+_QUIET_BELOW_WARNING = ("httpcore", "websockets", "realtime", "httpx", "pgserver")
 
 
 class InterceptHandler(logging.Handler):

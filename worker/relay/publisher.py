@@ -352,7 +352,7 @@ class _Lane:
                 self.pub._push_timeout_s,
             )
         except Exception as exc:  # realtime-py raises bare Exceptions; the retry handles all
-            self.log.debug("push raised: {}", type(exc).__name__)
+            self.log.opt(exception=exc).debug("push raised: {}", type(exc).__name__)
             self._settle(item, attempt, "error", None)
             return
         item.push = push
@@ -623,6 +623,29 @@ class Publisher:
             self._connected.set()
         else:
             self._connected.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """Diagnostics: state, and per topic the channel and the queue (no payloads)."""
+        now = time.monotonic()
+        topics: dict[str, Any] = {}
+        for topic, lane in self._lanes.items():
+            st = self._topics[topic]
+            topics[topic] = {
+                "route": self._route(topic),
+                "channel": None if st.channel is None else st.channel.state.value,
+                "pending": len(lane.pending),
+                "parked": sum(1 for it in lane.pending if it.parked),
+                "in_flight": len(lane.in_flight),
+                "next_ready_in_s": round(lane._next_wake_in(now), 3) if lane.pending else None,
+                "lane_alive": lane.task is not None and not lane.task.done(),
+            }
+        return {
+            "state": self.state.value,
+            "connected": self._client is not None and self._client.is_connected,
+            "reconnections": self.reconnections,
+            "clients_created": self.clients_created,
+            "topics": topics,
+        }
 
     # --- streams ---
 

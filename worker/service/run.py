@@ -152,7 +152,7 @@ async def _serve(settings: Settings, repository: PostgresJobRepository, runner: 
     )
     log = logger.bind(event="worker_process", worker=worker.worker_id)
     log.info(
-        "worker started: concurrency {}, lease {:.0f}s, grace {:.0f}s",
+        "worker started: concurrency {}, lease {:g}s, grace {:g}s",
         settings.relay_concurrency,
         settings.relay_lease_s,
         settings.relay_grace_period_s,

@@ -36,6 +36,7 @@ class ScriptedRunner:
     reasoning_tokens: int = 0
     fail_at: int | None = None
     fail_with: RelayError | None = None
+    fail_times: int = 1_000_000  # how many streams fail at `fail_at` before it works
     stubborn: bool = False  # ignores aborts: the worker must cancel it
     published: list[tuple[str, int, str]] = field(default_factory=list)  # (job, offset, text)
     statuses: list[tuple[str, str]] = field(default_factory=list)  # (job, llm-status kind)
@@ -48,7 +49,9 @@ class ScriptedRunner:
         for offset in range(snapshot.next_offset, total):
             if await self._pause(ctx):
                 return self._stopped(job, ctx, snapshot)
-            if self.fail_at is not None and offset >= self.fail_at and self.fail_with:
+            if self._should_fail(offset):
+                self.fail_times -= 1
+                assert self.fail_with is not None
                 raise self.fail_with
             text = scripted_token(offset)
             self.published.append((job.id, offset, text))
@@ -63,6 +66,14 @@ class ScriptedRunner:
         finish_reason = "length" if total < self.tokens else "stop"
         usage = {"completion_tokens": total}
         return Outcome("done", snapshot, finish_reason=finish_reason, usage=usage)
+
+    def _should_fail(self, offset: int) -> bool:
+        return (
+            self.fail_with is not None
+            and self.fail_at is not None
+            and offset >= self.fail_at
+            and self.fail_times > 0
+        )
 
     async def _pause(self, ctx: StreamContext) -> bool:
         """Wait one token's time; True when the worker asked to stop."""

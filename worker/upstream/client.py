@@ -29,8 +29,9 @@ Layers, outermost first:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -196,7 +197,7 @@ class UpstreamClient:
     # --- layer 1: mid-stream recovery ---
     async def stream(
         self, request: GenerationRequest, *, stats: StreamStats | None = None
-    ) -> AsyncIterator[UpstreamEvent]:
+    ) -> AsyncGenerator[UpstreamEvent, None]:
         """Yield the events of one generation; raise `UpstreamError` when it fails.
 
         `Finished` is always the last event of a successful stream.
@@ -209,10 +210,10 @@ class UpstreamClient:
         log = logger.bind(event="upstream", provider=request.provider)
         while True:
             try:
-                async for event in self._acquire(
-                    request, messages, progress, stats, total_deadline
-                ):
-                    yield event
+                events = self._acquire(request, messages, progress, stats, total_deadline)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        yield event
                 stats.end_s = time.monotonic() - stats.started
                 return
             except UpstreamError as error:
@@ -301,7 +302,7 @@ class UpstreamClient:
         progress: _Progress,
         stats: StreamStats,
         total_deadline: float,
-    ) -> AsyncIterator[UpstreamEvent]:
+    ) -> AsyncGenerator[UpstreamEvent, None]:
         chain = self._chain(request)
         last_error: UpstreamError | None = None
         for index, (provider, model) in enumerate(chain):
@@ -327,13 +328,15 @@ class UpstreamClient:
             attempt = 0
             while True:
                 produced = False
+                attempt_events = self._attempt(
+                    provider, model, request, messages, progress, stats, total_deadline
+                )
                 try:
-                    async for event in self._attempt(
-                        provider, model, request, messages, progress, stats, total_deadline
-                    ):
-                        if not isinstance(event, Status):
-                            produced = True
-                        yield event
+                    async with contextlib.aclosing(attempt_events):
+                        async for event in attempt_events:
+                            if not isinstance(event, Status):
+                                produced = True
+                            yield event
                     breaker.record_success()
                     return
                 except UpstreamError as error:
@@ -391,7 +394,7 @@ class UpstreamClient:
         progress: _Progress,
         stats: StreamStats,
         total_deadline: float,
-    ) -> AsyncIterator[UpstreamEvent]:
+    ) -> AsyncGenerator[UpstreamEvent, None]:
         loop = asyncio.get_running_loop()
         settings = self.settings
         stats.attempts += 1
@@ -419,8 +422,10 @@ class UpstreamClient:
             if "text/html" in content_type or "application/json" in content_type:
                 raise await self._not_a_stream(response, provider, first_deadline)
             read = _Read(ChunkParser(provider, model), progress, messages, progress.tokens)
-            async for event in self._events(response, read, stats, first_deadline, total_deadline):
-                yield event
+            events = self._events(response, read, stats, first_deadline, total_deadline)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
         finally:
             await response.aclose()
 
@@ -431,7 +436,7 @@ class UpstreamClient:
         stats: StreamStats,
         first_deadline: float,
         total_deadline: float,
-    ) -> AsyncIterator[UpstreamEvent]:
+    ) -> AsyncGenerator[UpstreamEvent, None]:
         loop = asyncio.get_running_loop()
         provider = read.parser.provider
         decoder = SSEDecoder()
