@@ -14,7 +14,7 @@
 import { subscribeToSession } from "./llm-relay-client.js";
 
 const $ = (id) => document.getElementById(id);
-const CHART_WINDOW_S = 60;
+const CHART_WINDOW_S = 30;
 
 async function loadConfig() {
   const params = new URLSearchParams(location.search);
