@@ -194,11 +194,14 @@ class DemoPage {
     else if (view.gap) state = "gap";
     else if (view.nextOffset === 0 && !view.done) state = "waiting";
     el.dataset.state = state;
+    if (state === "complete" || state === "failed") el.querySelector(".stop").hidden = true;
     const label = {
       waiting: "waiting for tokens…",
       streaming: view.status?.status ? `streaming · ${view.status.status}` : "streaming",
       gap: "gap held, reading snapshot…",
-      complete: `done · ${view.done?.finish_reason ?? view.done?.status ?? "complete"}`,
+      complete:
+        `done · ${view.done?.finish_reason ?? view.done?.status ?? "complete"}` +
+        (view.verified === true ? " · checksum ✓" : view.verified === false ? " · checksum ✗" : ""),
       failed: `failed · ${view.error?.type ?? "error"}${view.error?.message ? ": " + view.error.message : ""}`,
     }[state];
     el.querySelector(".state").textContent = label;
@@ -247,6 +250,14 @@ class DemoPage {
     if (error) throw new Error(`${error.code ?? ""} ${error.message}`);
     const card = this.card(data.id, text);
     card.submitAt = performance.now();
+    const stop = card.el.querySelector(".stop");
+    stop.hidden = false;
+    stop.addEventListener("click", async () => {
+      // Only asks: the worker aborts the upstream and tells the page (llm-status cancelled).
+      stop.disabled = true;
+      const { error: err } = await this.supabase.rpc("cancel_llm_request", { request_id: data.id });
+      if (err) notice(`could not cancel: ${err.message}`, true);
+    });
     this.sub.watch(data.id);
     return data.id;
   }

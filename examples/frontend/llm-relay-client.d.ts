@@ -28,7 +28,8 @@ export type UpdateEvent =
   | { type: "token"; outcome: "applied" | "duplicate" | "held" | "invalid"; payload: TokenPayload; at: number }
   | { type: "status" | "error" | "done"; payload: Record<string, unknown>; at: number }
   | { type: "snapshot"; moved: boolean; row: Record<string, unknown>; at: number }
-  | { type: "snapshot-error"; error: unknown; at: number };
+  | { type: "snapshot-error"; error: unknown; at: number }
+  | { type: "verified"; ok: boolean; at: number };
 
 export interface SubscribeOptions {
   /** session id; the topic is `llm-token:<session>` */

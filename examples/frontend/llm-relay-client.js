@@ -13,7 +13,7 @@
 //   sub.watch(requestId);    // load its snapshot now (optional)
 //   await sub.unsubscribe();
 
-import { StreamAssembler } from "./reassembly.js";
+import { StreamAssembler, verifyChecksum } from "./reassembly.js";
 
 export { StreamAssembler } from "./reassembly.js";
 
@@ -101,6 +101,7 @@ class Subscription {
   }
 
   _emit(stream, event) {
+    if (stream.isComplete() && stream.verified === null && !stream.verifying) this._verify(stream);
     const view = stream.view();
     view.channel = this.channelState;
     try {
@@ -109,6 +110,15 @@ class Subscription {
       // a throwing callback must not break reassembly of the next message
       console.error("llm-relay onUpdate callback failed", err);
     }
+  }
+
+  /** Once complete, check the text against llm-done's SHA-256 (async WebCrypto). */
+  async _verify(stream) {
+    stream.verifying = true;
+    const ok = await verifyChecksum(stream.done, stream.content, stream.reasoning);
+    if (ok === null || this.closed) return;
+    stream.verified = ok;
+    this._emit(stream, { type: "verified", ok, at: this.now() });
   }
 
   _onToken(payload) {

@@ -27,7 +27,7 @@ from aiohttp import web
 from devstack.jwt import api_key
 from devstack.postgres import REPO_ROOT
 from devstack.postgrest import PostgrestServer
-from devstack.realtime import RealtimeServer
+from devstack.realtime import RealtimeServer, Timings
 
 FRONTEND_DIR = REPO_ROOT / "examples" / "frontend"
 PAGES_DIR = Path(__file__).with_name("pages")
@@ -43,6 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+JOIN_ERROR_DELAY_S = 1.0
 # Every wait in a browser test is bounded by this (ms).
 PAGE_TIMEOUT_MS = 20_000
 
@@ -83,8 +84,11 @@ class Stack:
 
 @pytest.fixture
 async def stack(database_url: str) -> AsyncIterator[Stack]:
-    # Real time: supabase-js heartbeats every 25 s, so the 60 s idle close must stay real.
-    realtime = RealtimeServer(database_url=database_url)
+    # Real time (supabase-js heartbeats every 25 s, so the 60 s idle close must stay
+    # real), except the 5 s backoff before a join error: 1 s keeps refusals quick.
+    realtime = RealtimeServer(
+        database_url=database_url, timings=Timings(channel_error_backoff_s=JOIN_ERROR_DELAY_S)
+    )
     app = web.Application()
     realtime.add_routes(app)
     PostgrestServer(database_url).add_routes(app)

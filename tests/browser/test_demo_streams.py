@@ -120,6 +120,10 @@ async def wait_complete(page: Any, request: str) -> dict[str, Any]:
     await page.wait_for_function(
         "sel => document.querySelector(sel)?.dataset.state === 'complete'", arg=sel
     )
+    # llm-done's SHA-256 checksums, checked in the page with WebCrypto
+    await page.wait_for_function(
+        "id => window.demo.page.views.get(id)?.verified != null", arg=request
+    )
     shown: dict[str, Any] = await page.evaluate(
         """([sel, id]) => {
           const el = document.querySelector(sel);
@@ -128,6 +132,7 @@ async def wait_complete(page: Any, request: str) -> dict[str, Any]:
             answer: el.querySelector('.answer').textContent,
             reasoning: el.querySelector('.reasoning').textContent,
             stats: v.stats,
+            verified: v.verified,
             joins: window.demo.sub.joins,
           };
         }""",
@@ -149,6 +154,7 @@ async def test_subscriber_present_from_the_start(browser: Browser, stack: Stack)
     shown = await wait_complete(page, request)
     assert shown["answer"] == TEXT
     assert shown["reasoning"] == REASONING
+    assert shown["verified"] is True
     assert shown["stats"]["duplicateTokens"] == 0
 
 
@@ -169,6 +175,7 @@ async def test_subscriber_joining_mid_stream(browser: Browser, stack: Stack) -> 
     shown = await wait_complete(page, request)
     assert shown["answer"] == TEXT
     assert shown["reasoning"] == REASONING
+    assert shown["verified"] is True
     assert shown["stats"]["snapshotsMerged"] >= 1  # it caught up from the row
     assert shown["stats"]["tokens"] > 0  # and then followed the live messages
 
@@ -200,6 +207,7 @@ async def test_subscriber_whose_websocket_is_cut(browser: Browser, stack: Stack)
     shown = await wait_complete(page, request)
     assert shown["answer"] == TEXT
     assert shown["reasoning"] == REASONING
+    assert shown["verified"] is True
     assert shown["joins"] >= 2  # supabase-js reconnected and rejoined
     assert shown["stats"]["snapshotTokens"] > 0  # what it missed came from the row
 
@@ -217,7 +225,7 @@ async def test_another_user_cannot_see_the_stream(browser: Browser, stack: Stack
     async with upstream(tokens_per_second=400) as up:
         await relay(stack, up, session, request)
     assert (await wait_complete(owner, request))["answer"] == TEXT
-    # The server refuses the join after its 5 s error backoff (RLS on realtime.messages).
+    # The server refuses the join after its error backoff (RLS on realtime.messages).
     await intruder.wait_for_function(
         "() => (window.demo.channelStates || []).some(s => s.state === 'CHANNEL_ERROR')"
     )
