@@ -53,6 +53,12 @@ export interface SubscribeOptions {
   onUpdate?: (view: StreamView & { channel: string }, event: UpdateEvent) => void;
   /** supabase-js channel states: SUBSCRIBED, CHANNEL_ERROR, TIMED_OUT, CLOSED */
   onChannel?: (state: string, error: Error | null) => void;
+  /**
+   * Delays before joining a fresh channel after the server closed ours (supabase-js
+   * never rejoins a closed channel); default [1000, 2000, 5000, 10000], the last
+   * repeating; `[]` to stay closed.
+   */
+  resubscribeDelaysMs?: number[];
   /** clock in ms (default performance.now) */
   now?: () => number;
 }
@@ -65,6 +71,8 @@ export interface SessionSubscription {
   readonly joins: number;
   /** broadcasts received */
   readonly messages: number;
+  /** fresh channels joined after the server closed one */
+  readonly resubscribes: number;
   watch(streamId: string): StreamView;
   view(streamId: string): StreamView | null;
   unsubscribe(): Promise<void>;

@@ -134,6 +134,7 @@ async def wait_complete(page: Any, request: str) -> dict[str, Any]:
             stats: v.stats,
             verified: v.verified,
             joins: window.demo.sub.joins,
+            resubscribes: window.demo.sub.resubscribes,
           };
         }""",
         [sel, request],
@@ -208,7 +209,8 @@ async def test_subscriber_whose_websocket_is_cut(browser: Browser, stack: Stack)
     assert shown["answer"] == TEXT
     assert shown["reasoning"] == REASONING
     assert shown["verified"] is True
-    assert shown["joins"] >= 2  # supabase-js reconnected and rejoined
+    assert shown["joins"] >= 2  # supabase-js reconnected and rejoined the same channel
+    assert shown["resubscribes"] == 0
     assert shown["stats"]["snapshotTokens"] > 0  # what it missed came from the row
 
 
