@@ -200,7 +200,7 @@ class DemoPage {
       streaming: view.status?.status ? `streaming · ${view.status.status}` : "streaming",
       gap: "gap held, reading snapshot…",
       complete:
-        `done · ${view.done?.finish_reason ?? view.done?.status ?? "complete"}` +
+        `done (${view.done?.finish_reason ?? view.done?.status ?? "complete"})` +
         (view.verified === true ? " · checksum ✓" : view.verified === false ? " · checksum ✗" : ""),
       failed: `failed · ${view.error?.type ?? "error"}${view.error?.message ? ": " + view.error.message : ""}`,
     }[state];
