@@ -67,7 +67,9 @@ def new_request(database_url: str, owner: str) -> tuple[str, str]:
     return session, str(row[0])
 
 
-async def relay(stack: Stack, up: SimulatedUpstream, session: str, request: str) -> RelayResult:
+async def relay(
+    stack: Stack, up: SimulatedUpstream, session: str, request: str, **overrides: Any
+) -> RelayResult:
     """What the worker does for one claimed request, minus the queue."""
     settings = Settings(
         _env_file=None,
@@ -77,6 +79,7 @@ async def relay(stack: Stack, up: SimulatedUpstream, session: str, request: str)
         openai_api_key=UPSTREAM_KEY,
         relay_private_channels=True,
         relay_checkpoint_interval_s=0.5,
+        **overrides,
     )
 
     async def checkpoint(snap: Snapshot) -> None:
@@ -212,6 +215,31 @@ async def test_subscriber_whose_websocket_is_cut(browser: Browser, stack: Stack)
     assert shown["joins"] >= 2  # supabase-js reconnected and rejoined the same channel
     assert shown["resubscribes"] == 0
     assert shown["stats"]["snapshotTokens"] > 0  # what it missed came from the row
+
+
+async def test_retried_sends_leave_gaps_and_duplicates_the_page_absorbs(
+    browser: Browser, stack: Stack
+) -> None:
+    """A push the server drops (retried later: a gap meanwhile) and one whose ack is
+    lost (retried: a duplicate) reach the page; it shows the text exactly once."""
+    alice = str(uuid.uuid4())
+    session, request = new_request(stack.database_url, alice)
+    page = await open_demo(
+        browser, stack, "faults", token=user_token(alice), session=session, stream=request
+    )
+    await wait_subscribed(page)
+    stack.realtime.faults.script_acks("ok", "ok", "drop", "ok", "ok", "lose_reply", "ok")
+    async with upstream(tokens_per_second=300) as up:
+        result = await relay(stack, up, session, request, relay_ack_timeout_s=0.5)
+    assert result.error is None and result.retries >= 2
+    shown = await wait_complete(page, request)
+    assert shown["answer"] == TEXT
+    assert shown["reasoning"] == REASONING
+    assert shown["verified"] is True
+    assert shown["stats"]["duplicateMessages"] >= 1
+    assert shown["stats"]["gapsOpened"] >= 1
+    assert shown["stats"]["gapsFilled"] >= 1
+    assert shown["stats"]["snapshotsMerged"] == 0  # filled by the retry itself
 
 
 async def test_another_user_cannot_see_the_stream(browser: Browser, stack: Stack) -> None:
