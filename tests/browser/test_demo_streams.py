@@ -239,7 +239,6 @@ async def test_retried_sends_leave_gaps_and_duplicates_the_page_absorbs(
     assert shown["stats"]["duplicateMessages"] >= 1
     assert shown["stats"]["gapsOpened"] >= 1
     assert shown["stats"]["gapsFilled"] >= 1
-    assert shown["stats"]["snapshotsMerged"] == 0  # filled by the retry itself
 
 
 async def test_another_user_cannot_see_the_stream(browser: Browser, stack: Stack) -> None:
