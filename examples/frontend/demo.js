@@ -4,7 +4,8 @@
 // Configuration (URL fragment or query string, fragment wins; or ./demo-config.json):
 //   url      Supabase URL (default: this page's origin)
 //   key      anon key (required)
-//   token    the user's access token (a JWT for role `authenticated`)
+//   token    the user's access token (a JWT for role `authenticated`); without it the
+//            page signs in anonymously (supabase-js auth.signInAnonymously())
 //   session  session id (default: a new random uuid)
 //   stream   watch this request id only (no prompt box)
 //   budget   the project's messages/s budget drawn on the chart (default 100)
@@ -278,6 +279,30 @@ async function ensureSession(supabase, session) {
   if (error && error.code !== "23505") throw new Error(`${error.code ?? ""} ${error.message}`);
 }
 
+/**
+ * A client acting as the page's user: the given token, or else the stored session,
+ * or else a new anonymous user (supabase-js `auth.signInAnonymously()`).
+ */
+async function connect(config) {
+  const { createClient } = window.supabase;
+  if (config.token) {
+    const token = config.token;
+    return createClient(config.url, config.key, { accessToken: async () => token });
+  }
+  const supabase = createClient(config.url, config.key);
+  let { data: { session } } = await supabase.auth.getSession();
+  if (!session) {
+    const { data, error } = await supabase.auth.signInAnonymously();
+    if (error) {
+      notice(`could not sign in: ${error.message} (or pass #token=<user JWT>)`, true);
+      return null;
+    }
+    session = data.session;
+  }
+  config.token = session.access_token;
+  return supabase;
+}
+
 async function main() {
   const config = await loadConfig();
   $("budget-label").textContent = `${config.budget}/s`;
@@ -285,8 +310,8 @@ async function main() {
     notice("Missing the anon key: open this page with #key=<anon key>&token=<user JWT> (llm-relay demo prints the link).", true);
     return;
   }
-  const options = config.token ? { accessToken: async () => config.token } : {};
-  const supabase = window.supabase.createClient(config.url, config.key, options);
+  const supabase = await connect(config);
+  if (!supabase) return;
   const page = new DemoPage(config, supabase);
   window.demo = { page, config, supabase, ready: null };
 

@@ -1,7 +1,8 @@
 """Headless Chromium (Debian's `chromium`) driven by Playwright, against the local stack.
 
 One aiohttp app on 127.0.0.1:0 plays the Supabase gateway: the Realtime stand-in
-(`/realtime/v1/*`), the PostgREST stand-in (`/rest/v1/*`) and `examples/frontend` as
+(`/realtime/v1/*`), the PostgREST stand-in (`/rest/v1/*`), the anonymous-sign-in
+stand-in (`/auth/v1/*`) and `examples/frontend` as
 static files (supabase-js comes from its `node_modules`, never from a CDN). The
 database is the per-test clone of the migrated template.
 
@@ -24,6 +25,7 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp import web
 
+from devstack.auth import AuthStandIn
 from devstack.jwt import api_key
 from devstack.postgres import REPO_ROOT
 from devstack.postgrest import PostgrestServer
@@ -92,6 +94,7 @@ async def stack(database_url: str) -> AsyncIterator[Stack]:
     app = web.Application()
     realtime.add_routes(app)
     PostgrestServer(database_url).add_routes(app)
+    AuthStandIn(database_url).add_routes(app)
     app.router.add_static("/__tests__/", PAGES_DIR)
     app.router.add_static("/", FRONTEND_DIR)
     runner = web.AppRunner(app, access_log=None)

@@ -312,14 +312,16 @@ THOUGHTS = "The user asks about exactness. Explain offsets, duplicates, gaps, sn
 async def test_prompt_box_inserts_a_request_and_streams_the_answer(
     browser: Browser, stack: Stack, tmp_path: Any
 ) -> None:
-    """The interactive demo: supabase-js inserts the row under RLS; the answer streams in."""
-    alice = str(uuid.uuid4())
+    """The interactive demo: the page signs in anonymously (supabase-js auth), inserts
+    the request row under RLS, and the answer streams in."""
     session = str(uuid.uuid4())
-    page = await open_demo(browser, stack, "demo", token=user_token(alice), session=session)
+    page = await open_demo(browser, stack, "demo", session=session)  # no token given
     await wait_subscribed(page)  # its session row was created first, so the join is allowed
+    user = await page.evaluate("async () => (await window.demo.supabase.auth.getUser()).data.user")
+    assert user["is_anonymous"] is True
     await page.fill("#prompt", PROMPT)
     await page.press("#prompt", "Enter")
-    request = await _wait_for_request(stack.database_url, session, owner=alice)
+    request = await _wait_for_request(stack.database_url, session, owner=user["id"])
     async with SimulatedUpstream(
         text=ANSWER, reasoning_text=THOUGHTS, tokens_per_second=60, api_key=UPSTREAM_KEY
     ) as up:
@@ -349,6 +351,8 @@ async def _wait_for_request(database_url: str, session: str, *, owner: str) -> s
             row = await cur.fetchone()
             if row is not None:
                 assert str(row[1]) == owner  # owner = auth.uid() of the page's user
+                cur = await conn.execute("SELECT 1 FROM auth.users WHERE id = %s", (owner,))
+                assert await cur.fetchone() is not None  # signed up through /auth/v1
                 return str(row[0])
             await asyncio.sleep(0.05)
     raise AssertionError("the page inserted no request within 10 s")
