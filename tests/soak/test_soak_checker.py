@@ -3,6 +3,8 @@ complete, in order, equal to the upstream text and to llm-done's checksums."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from bench.soak import _check, _reorderings
 from worker.relay.reassembly import StreamReassembly
 from worker.relay.wire import DoneMessage, TokenMessage, text_checksum
@@ -45,7 +47,7 @@ def test_wrong_text_or_missing_stream_is_not_exact() -> None:
 
 
 def test_reorderings_count_arrivals_below_an_offset_already_seen() -> None:
-    recorded = [
+    recorded: list[tuple[str, dict[str, Any]]] = [
         ("llm-token", {"stream": "s", "offset": 0}),
         ("llm-token", {"stream": "s", "offset": 20}),
         ("llm-token", {"stream": "t", "offset": 0}),
