@@ -45,6 +45,7 @@ from worker.upstream.client import UpstreamClient
 from worker.upstream.events import GenerationRequest, Token
 
 MODEL = "gpt-4o-mini"
+PUBLIC: Any = {"config": {"private": False}}
 Run = Callable[[int], Awaitable[int]]
 
 
@@ -82,7 +83,7 @@ class Variants:
         await self.publisher.start()
         await self.publisher.wait_connected(10)
         await self.rt.connect()
-        channel = self.rt.channel("llm-token:peer", {"config": {"private": False}})
+        channel = self.rt.channel("llm-token:peer", PUBLIC)
         joined = asyncio.Event()
         await channel.subscribe(lambda state, err: joined.set())
         await asyncio.wait_for(joined.wait(), 10)
@@ -157,7 +158,11 @@ class Variants:
             if chunk.choices and chunk.choices[0].delta.content:
                 await self.peer_channel.send_broadcast(
                     "llm-token",
-                    {"stream": "peer", "offset": offset, "tokens": [chunk.choices[0].delta.content]},
+                    {
+                        "stream": "peer",
+                        "offset": offset,
+                        "tokens": [chunk.choices[0].delta.content],
+                    },
                 )
                 offset += 1
         return offset
@@ -200,7 +205,7 @@ async def _bench(args: argparse.Namespace, s: Stack) -> dict[str, Any]:
         for name, values in marginal.items()
     }
     return {"machine": machine(), "long": args.long, "short": args.short, "results": table} | (
-        {"profile_top": profile} if profile else {}
+        {"profile": profile} if profile else {}
     )
 
 
@@ -212,9 +217,7 @@ async def _profile(v: Variants, args: argparse.Namespace) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(30)
-    text = out.getvalue()
-    Path(args.profile).write_text(text)
-    return "\n".join(text.splitlines()[:60])
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             return await asyncio.wait_for(_bench(args, s), args.timeout_s)
 
     report = asyncio.run(go())
+    profile = report.pop("profile", None)
+    if profile and args.profile:
+        Path(args.profile).write_text(profile)
     text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)
     if args.out:

@@ -60,17 +60,22 @@ def stack(text: str, *, tokens_per_second: float = 0.0) -> Iterator[Stack]:
     procs: list[subprocess.Popen[str]] = []
     try:
         up = subprocess.Popen(
-            [sys.executable, "-m", "devstack.upstream", "--port", "0", "--api-key", BENCH_KEY]
-            + ["--tokens-per-second", str(tokens_per_second), "--text", text],
+            [
+                *(sys.executable, "-m", "devstack.upstream", "--port", "0"),
+                *("--api-key", BENCH_KEY, "--tokens-per-second", str(tokens_per_second)),
+                *("--text", text),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
         procs.append(up)
         upstream_url = _read_until(up, r"upstream on (\S+)", 30).group(1)
         rt = subprocess.Popen(
-            [sys.executable, "-m", "devstack.realtime", "--port", "0"]
-            + ["--max-events-per-second", "100000000", "--max-joins-per-second", "100000"]
-            + ["--max-concurrent-users", "100000", "--max-channels-per-client", "100000"],
+            [
+                *(sys.executable, "-m", "devstack.realtime", "--port", "0"),
+                *("--max-events-per-second", "100000000", "--max-joins-per-second", "100000"),
+                *("--max-concurrent-users", "100000", "--max-channels-per-client", "100000"),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
