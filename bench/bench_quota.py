@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=100.0, help="server limit and ours")
     parser.add_argument("--rate", type=float, default=100.0, help="tokens/s per stream")
     parser.add_argument("--seconds", type=float, default=16.0, help="length of each stream")
-    parser.add_argument("--fixed-ladder", type=_ladder, default=_ladder("5,8,9,10,12"))
+    parser.add_argument("--fixed-ladder", type=_ladder, default=_ladder("4,5,6,7,8"))
     parser.add_argument("--ours-ladder", type=_ladder, default=_ladder("50,100,200,300,400"))
     parser.add_argument("--full-ladder", action="store_true", help="go on after a failure")
     parser.add_argument("--quick", action="store_true", help="shorter streams, fewer levels")
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 11.0
-        args.fixed_ladder, args.ours_ladder = [8, 10], [100]
+        args.fixed_ladder, args.ours_ladder = [6, 8], [100]
         args.full_ladder = True
     from worker.logs import configure_logging
 
