@@ -6,7 +6,7 @@ read the environment: they receive this object, or the frozen view they need.
 
 Every field has a unit in its name (`_s`, `_ms`) and a one-line description,
 which `.env.example` and the README's configuration table are generated from
-(`python -m worker.config --env-example` / `--markdown`; a test fails on drift).
+(`python -m worker.config --env-example` / `--readme`; a test fails on drift).
 """
 
 from __future__ import annotations
@@ -242,6 +242,12 @@ class Settings(BaseSettings):
         description="Share of RELAY_MESSAGES_PER_SECOND the worker spends (Realtime closes "
         "channels at avg >= limit, and other clients count too).",
     )
+    relay_adaptive_batching: bool = Field(
+        True,
+        validation_alias=_env("RELAY_ADAPTIVE_BATCHING"),
+        description="Grow batches (more tokens per message) when the budget is short; false "
+        "keeps fixed batches (for benchmarks).",
+    )
     relay_max_in_flight: int = Field(
         32,
         ge=1,
@@ -453,8 +459,22 @@ def render_markdown_table() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the table between the settings markers of the README."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{README_START}{render_markdown_table()}\n{README_END}{tail}")
+
+
+README_START, README_END = "<!-- settings:start -->\n", "<!-- settings:end -->"
+
 if __name__ == "__main__":  # pragma: no cover - generator entry
-    if "--markdown" in sys.argv:
+    if "--readme" in sys.argv:
+        update_readme()
+    elif "--markdown" in sys.argv:
         print(render_markdown_table())
     else:
         print(render_env_example(), end="")

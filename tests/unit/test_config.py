@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from worker.config import Settings, render_env_example
+from worker.config import Settings, render_env_example, render_markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +43,11 @@ def test_env_example_lists_every_setting() -> None:
     """`.env.example` is generated from Settings; regenerate it when this fails:
     `python -m worker.config --env-example > .env.example`."""
     assert (ROOT / ".env.example").read_text() == render_env_example()
+
+
+def test_readme_configuration_table_is_generated_from_settings() -> None:
+    """Regenerate with `python -m worker.config --readme` when this fails."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- settings:start -->\n", "<!-- settings:end -->"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table.strip() == render_markdown_table().strip()

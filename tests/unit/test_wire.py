@@ -50,7 +50,6 @@ def test_done_error_status_round_trip() -> None:
         content_sha256=text_checksum("x"),
         reasoning_sha256=text_checksum(""),
         usage={"completion_tokens": 120},
-        messages=8,
     )
     payload = json.loads(json.dumps(done.to_payload()))
     assert payload["checksum"]["algorithm"] == "sha256"

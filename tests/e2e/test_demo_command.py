@@ -1,0 +1,40 @@
+"""`llm-relay demo --once` runs the whole path and shows the text the watcher received."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from devstack.demo import DEMO_TEXT
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_once_streams_exact_text_to_a_subscriber() -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "GROQ_", "SUPABASE_", "RELAY_", "DATABASE_URL"))
+    }
+    with tempfile.TemporaryDirectory(prefix="llm-relay-demo-") as data_dir:
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "worker", "demo", "--once", "--port", "0"),
+                *("--upstream-port", "0", "--tokens-per-second", "400", "--data-dir", data_dir),
+            ],
+            cwd=data_dir,  # no .env there
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert DEMO_TEXT.strip() in out  # the answer, as the subscriber reassembled it
+    assert "exact (llm-done checksum)   yes" in out
