@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
 
 from worker.errors import LeaseLost, QueueError
@@ -143,6 +144,28 @@ async def test_listen_hears_inserts_releases_and_cancels(repo: PostgresJobReposi
         assert await asyncio.wait_for(heard.get(), 10) == Notification("cancel", job.id)
         await repo.release(worker="w1", job_id=job.id, snapshot=Snapshot(), refund_attempt=True)
         assert await asyncio.wait_for(heard.get(), 10) == Notification("queued", job.id)
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
+async def test_listen_reconnects_after_its_connection_is_killed(
+    repo: PostgresJobRepository, database_url: str
+) -> None:
+    heard: asyncio.Queue[Notification] = asyncio.Queue()
+    states: asyncio.Queue[bool] = asyncio.Queue()
+    listener = asyncio.create_task(repo.listen(heard.put_nowait, states.put_nowait))
+    try:
+        assert await asyncio.wait_for(states.get(), 10) is True
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+            )
+        assert await asyncio.wait_for(states.get(), 10) is False
+        assert await asyncio.wait_for(states.get(), 10) is True
+        submitted = await repo.submit_as(USER_A, NewRequest(HELLO))
+        assert await asyncio.wait_for(heard.get(), 10) == Notification("queued", submitted.id)
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)

@@ -8,11 +8,14 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from worker.config import Settings
+from worker.errors import ConfigError
 from worker.jobs import PostgresJobRepository
+from worker.service.run import parse_options, run_worker
 from worker.service.testing import ScriptedRunner, scripted_text
 from worker.service.worker import Worker
 
@@ -23,8 +26,10 @@ USER_B = "6f1b1c1e-0000-4000-8000-00000000000b"
 TIMEOUT_S = 60.0
 
 
-async def relay(cwd: Path, *args: str, database_url: str | None = None) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+async def relay(
+    cwd: Path, *args: str, database_url: str | None = None, **extra_env: str
+) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | extra_env
     if database_url:
         env["DATABASE_URL"] = database_url
     proc = await asyncio.create_subprocess_exec(
@@ -132,19 +137,21 @@ async def test_submit_wait_prints_the_finished_request(
 
 
 async def test_run_refuses_bad_configuration(database_url: str, tmp_path: Path) -> None:
-    code, _, err = await relay(tmp_path, "run")
+    code, _, err = await relay(tmp_path, "run")  # the CLI maps ConfigError to exit 2
     assert code == 2 and "DATABASE_URL" in err
-    code, _, err = await relay(
-        tmp_path, "run", "--runner", "no.such:thing", database_url=database_url
-    )
-    assert code == 2 and "cannot load the stream runner" in err
-    code, _, err = await relay(
-        tmp_path,
-        "run",
-        "--runner",
-        "worker.service.testing:scripted",
-        "-o",
-        "colour=blue",
-        database_url=database_url,
-    )
-    assert code == 2 and "unknown scripted runner options" in err
+
+    def settings(**values: Any) -> Settings:
+        return Settings(_env_file=None, database_url=database_url, **values)
+
+    with pytest.raises(ConfigError, match="cannot load the stream runner"):
+        await run_worker(settings(), "no.such:thing", {})
+    with pytest.raises(ConfigError, match="rejected its options"):
+        await run_worker(settings(), "worker.service.testing:scripted", {"colour": "blue"})
+    with pytest.raises(ConfigError, match="RELAY_HEARTBEAT_INTERVAL_S must be shorter"):
+        await run_worker(
+            settings(relay_lease_s=5, relay_heartbeat_interval_s=5),
+            "worker.service.testing:scripted",
+            {},
+        )
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_options(["tokens"])

@@ -107,6 +107,11 @@ def _signals_stop(worker: Worker) -> Iterator[None]:
 async def run_worker(settings: Settings, runner_spec: str, options: dict[str, str]) -> int:
     if not settings.database_url:
         raise ConfigError("DATABASE_URL is not set: the worker needs the request queue")
+    if settings.relay_heartbeat_interval_s >= settings.relay_lease_s:
+        raise ConfigError(
+            "RELAY_HEARTBEAT_INTERVAL_S must be shorter than RELAY_LEASE_S "
+            "(a lease would expire between two heartbeats)"
+        )
     repository = PostgresJobRepository.from_url(
         settings.database_url, pool_size=settings.relay_db_pool_size
     )
