@@ -29,7 +29,14 @@ from .connection import (
 )
 from .faults import Faults
 from .limits import RealtimeLimits, Timings
-from .protocol import Broadcast, Frame, UserBroadcast, encode_broadcast, negotiate_version
+from .protocol import (
+    Broadcast,
+    Frame,
+    ProtocolError,
+    UserBroadcast,
+    encode_broadcast,
+    negotiate_version,
+)
 from .ratecounter import RateCounter
 from .tokens import TokenError, verify_token
 
@@ -283,7 +290,11 @@ class RealtimeServer:
             if channel is exclude or _already_replayed(channel, message):
                 continue
             tenant.events.add(1)  # ref §6: +1 per delivery to each subscribed channel
-            data = encode_broadcast(channel.socket.version, topic, message)
+            try:
+                data = encode_broadcast(channel.socket.version, topic, message)
+            except ProtocolError as exc:  # e.g. a topic over 255 bytes for kind 4
+                log.warning("cannot encode a broadcast for {}: {}", topic, exc)
+                data = None
             if data is None:
                 self.stats.v1_binary_skips += 1
             else:
