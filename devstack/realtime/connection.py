@@ -166,7 +166,8 @@ class SocketSession:
             item = await self._out.get()
             if isinstance(item, _Close):
                 self.close_code = item.code
-                await self.ws.close(code=item.code, message=item.reason.encode())
+                with contextlib.suppress(ConnectionError):
+                    await self.ws.close(code=item.code, message=item.reason.encode())
                 return
             if self.ws.closed:
                 return
@@ -206,7 +207,8 @@ class SocketSession:
                 return
             if msg.type == WSMsgType.PING:
                 if not self.server.faults.stall_pong:
-                    await self.ws.pong(msg.data)
+                    with contextlib.suppress(ConnectionError):
+                        await self.ws.pong(msg.data)
                 continue
             if msg.type == WSMsgType.PONG:
                 continue
