@@ -76,6 +76,9 @@ RATE_LIMIT_JOIN_CODES = (
     "DatabaseConnectionRateLimitReached",
 )
 
+# Failures of the path, not of the message (see `_Lane._failed`).
+PATH_FAILURES = frozenset({"disconnected", "channel_closed", "channel_error"})
+
 Route = Literal["ws", "rest", "hold"]
 log = logger.bind(event="relay.publisher")
 
@@ -450,6 +453,13 @@ class _Lane:
 
     def _failed(self, item: _Item, reason: str) -> None:
         metrics.FLUSH_FAILURES.labels(reason).inc()
+        if reason in PATH_FAILURES:
+            # The socket or channel went away under the message: nothing is wrong with
+            # the message itself, so it does not count towards the fallback. It goes
+            # again at once, by whatever route is open (REST, or after the rejoin).
+            item.not_before = 0.0
+            self.add(item)
+            return
         item.failures += 1
         decision = self.pub.policy.on_failure(
             item.failures, splittable=item.splittable, is_piece=item.is_piece
