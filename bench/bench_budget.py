@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from devstack.jwt import api_key
 from devstack.realtime import RealtimeLimits, RealtimeServer
@@ -217,6 +218,92 @@ def _complete(sub: Subscriber, topic: str, stream: str, *, exact: bool = False) 
     return st.checksums_match() if exact else True
 
 
+@dataclass
+class LimiterReport:
+    name: str
+    sends_per_s: float
+    min_share: float  # the least-served stream's sends / the fair share (1.0 = fair)
+    max_share: float
+    p99_wait_s: float
+    cpu_s: float
+
+
+async def compare_limiters(
+    seconds: float = 5.0, rate: float = 40.0, streams: int = 20
+) -> list[LimiterReport]:
+    """asyncio-throttle vs MessageBudget as the lanes use them: one waiter per stream,
+    every stream always has a message ready, `rate` messages/s in all."""
+    return [
+        await _limiter_run("asyncio-throttle", seconds, rate, streams),
+        await _limiter_run("MessageBudget", seconds, rate, streams),
+    ]
+
+
+async def _limiter_run(name: str, seconds: float, rate: float, streams: int) -> LimiterReport:
+    from asyncio_throttle.throttler import Throttler
+
+    from worker.relay.budget import MessageBudget
+
+    acquire: Callable[[], Awaitable[object]]
+    if name == "asyncio-throttle":
+        acquire = cast(Callable[[], Awaitable[object]], Throttler(rate_limit=int(rate)).acquire)
+    else:
+        # cost 1 per message here (no subscribers), so both see the same messages/s
+        acquire = MessageBudget(rate / 0.8, utilization=0.8, expected_subscribers=0).acquire
+    counts = [0] * streams
+    waits: list[float] = []
+    stop = time.monotonic() + seconds
+
+    async def sender(i: int) -> None:
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            await acquire()
+            if time.monotonic() >= stop:
+                return
+            counts[i] += 1
+            waits.append(time.monotonic() - t0)
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(sender(i) for i in range(streams)))
+    total = sum(counts)
+    fair = total / streams
+    return LimiterReport(
+        name=name,
+        sends_per_s=total / seconds,
+        min_share=min(counts) / fair if fair else 0.0,
+        max_share=max(counts) / fair if fair else 0.0,
+        p99_wait_s=_percentile(waits, 0.99),
+        cpu_s=time.process_time() - cpu0,
+    )
+
+
+def _limiter_markdown(reports: list[LimiterReport]) -> list[str]:
+    rows = [
+        "## Why not asyncio-throttle",
+        "",
+        "`python -m bench.bench_budget --limiters`: 20 streams, one waiter each (as the "
+        "publisher's lanes), always a message ready, 40 messages/s for 5 s. Share = a "
+        "stream's sends / the fair share (1.0 = fair).",
+        "",
+        "| limiter | sends/s | least-served stream | most-served stream | p99 wait | CPU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        rows.append(
+            f"| {r.name} | {r.sends_per_s:.1f} | {r.min_share:.2f} | {r.max_share:.2f} "
+            f"| {r.p99_wait_s * 1000:.0f} ms | {r.cpu_s:.2f} s |"
+        )
+    rows += [
+        "",
+        "asyncio-throttle wakes every waiter every 10 ms to race for a free slot (CPU, "
+        "and no order among waiters); it also counts one per acquire (no fan-out cost). "
+        "MessageBudget grants in FIFO order, weighs each message 1 + subscribers, and "
+        "sleeps exactly until the bucket refills.",
+        "",
+    ]
+    return rows
+
+
 def _markdown(reports: list[LoadReport], args: argparse.Namespace) -> str:
     rows = [
         "| mode | msg/s counted | msg/token | p50 latency | p99 latency | max latency "
@@ -273,6 +360,16 @@ async def _main(args: argparse.Namespace) -> list[LoadReport]:
     return reports
 
 
+async def _main_limiters() -> list[LimiterReport]:
+    reports = await compare_limiters()
+    for r in reports:
+        print(
+            f"{r.name}: {r.sends_per_s:.1f} sends/s, shares {r.min_share:.2f}..{r.max_share:.2f}"
+            f" of fair, p99 wait {r.p99_wait_s * 1000:.0f} ms, cpu {r.cpu_s:.2f} s"
+        )
+    return reports
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -282,7 +379,19 @@ if __name__ == "__main__":
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--out", default="bench/RESULTS-budget.md")
     parser.add_argument("--modes", default="adaptive,fixed", help="adaptive,fixed")
+    parser.add_argument(
+        "--limiters", action="store_true", help="only compare asyncio-throttle and MessageBudget"
+    )
     arguments = parser.parse_args()
-    done = asyncio.run(_main(arguments))
-    if arguments.out:
-        Path(arguments.out).write_text(_markdown(done, arguments))
+    if arguments.limiters:
+        limiters = asyncio.run(_main_limiters())
+        if arguments.out:
+            path = Path(arguments.out)
+            text = path.read_text() if path.exists() else ""
+            marker = "## Why not asyncio-throttle"
+            text = text.split(marker, 1)[0].rstrip() + "\n\n"
+            path.write_text(text + "\n".join(_limiter_markdown(limiters)))
+    else:
+        done = asyncio.run(_main(arguments))
+        if arguments.out:
+            Path(arguments.out).write_text(_markdown(done, arguments))
