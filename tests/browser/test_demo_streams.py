@@ -165,7 +165,7 @@ async def test_subscriber_present_from_the_start(browser: Browser, stack: Stack)
 async def test_subscriber_joining_mid_stream(browser: Browser, stack: Stack) -> None:
     alice = str(uuid.uuid4())
     session, request = new_request(stack.database_url, alice)
-    async with upstream(tokens_per_second=80) as up:
+    async with upstream(tokens_per_second=50) as up:
         task = asyncio.create_task(relay(stack, up, session, request))
         try:
             await _wait_for_checkpoint(stack.database_url, request, at_least=40)
