@@ -1,0 +1,126 @@
+"""Shared pieces of the benches: the stand-ins as subprocesses (so their CPU is not
+counted in ours), machine facts, medians."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from devstack.jwt import api_key
+from devstack.upstream.tokens import tokenize
+
+BENCH_KEY = "sk-bench"
+WORDS = ("relay", "token", "stream", "batch", "ack", "café", "世界", "🦀", "1234", "done.")
+
+
+def long_text(tokens: int) -> str:
+    """A deterministic text of at least `tokens` simulated-tokenizer tokens."""
+    words = [WORDS[(i * 7) % len(WORDS)] for i in range(tokens)]
+    text = " " + " ".join(words)
+    assert len(tokenize(text)) >= tokens
+    return text
+
+
+@dataclass
+class Stack:
+    upstream_url: str  # .../v1
+    realtime_url: str  # SUPABASE_URL form
+    service_key: str
+    anon_key: str
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{proc.args!r} exited: {proc.poll()}")
+        found = re.search(pattern, line)
+        if found:
+            return found
+    raise TimeoutError(pattern)
+
+
+@contextlib.contextmanager
+def stack(text: str, *, tokens_per_second: float = 0.0) -> Iterator[Stack]:
+    """The simulated upstream and the local Realtime server, each in its own process,
+    with the Realtime quotas lifted (the benches meter their own budget)."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        up = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "devstack.upstream", "--port", "0"),
+                *("--api-key", BENCH_KEY, "--tokens-per-second", str(tokens_per_second)),
+                *("--text", text),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(up)
+        upstream_url = _read_until(up, r"upstream on (\S+)", 30).group(1)
+        rt = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "devstack.realtime", "--port", "0"),
+                *("--max-events-per-second", "100000000", "--max-joins-per-second", "100000"),
+                *("--max-concurrent-users", "100000", "--max-channels-per-client", "100000"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(rt)
+        realtime_url = _read_until(rt, r"SUPABASE_URL=(\S+)", 30).group(1)
+        yield Stack(upstream_url, realtime_url, api_key("service_role"), api_key("anon"))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def machine() -> dict[str, object]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for name in ("realtime", "websockets", "httpx", "orjson", "openai", "aiohttp"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return {
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "versions": versions,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
