@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint typecheck unit clean browser-deps js-test
+.PHONY: venv demo test lint typecheck unit clean frontend-deps browser-deps js-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) frontend-deps
 	$(VENV)/bin/llm-relay demo $(ARGS)
 
 lint: $(STAMP)
@@ -29,12 +29,15 @@ typecheck: $(STAMP)
 # as root on a fresh machine: install them when missing, never a downloaded browser).
 FRONTEND := examples/frontend
 
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+# The demo page loads supabase-js from the frontend's node_modules (no CDN).
+frontend-deps:
 	@command -v npm >/dev/null 2>&1 || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
 	@[ -d $(FRONTEND)/node_modules ] || (cd $(FRONTEND) && npm ci --no-audit --no-fund)
+
+browser-deps: frontend-deps
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 js-test: browser-deps
 	node --test $(FRONTEND)/test/

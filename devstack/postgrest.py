@@ -8,6 +8,7 @@ against it unchanged and the project's RLS policies decide, exactly as on Supaba
 - `POST /rest/v1/<table>` (one object or an array; `columns=`; `Prefer: return=
   representation|minimal`, `missing=default`)
 - `PATCH /rest/v1/<table>?<filters>` (same `Prefer`)
+- `POST /rest/v1/rpc/<function>` with named arguments (scalar -> JSON, set -> array)
 - `Accept: application/vnd.pgrst.object+json` (supabase-js `.single()`), 406 PGRST116
   otherwise; `Accept-Profile` / `Content-Profile` limited to the exposed schemas.
 
@@ -23,7 +24,7 @@ The API gateway in front of PostgREST on Supabase requires an `apikey` (the anon
 service_role key): requests without a valid one get the gateway's 401 bodies.
 
 Left out: embedding (`select=rel(*)`), `or=`/`and=` trees, full-text operators,
-DELETE, upsert (`on_conflict`), RPC, counts (`Prefer: count=`), CSV, OpenAPI.
+DELETE, upsert (`on_conflict`), GET on RPC, counts (`Prefer: count=`), CSV, OpenAPI.
 """
 
 from __future__ import annotations
@@ -363,6 +364,8 @@ class PostgrestServer:
         app.router.add_get(prefix + "/{table}", self._get, allow_head=False)
         app.router.add_post(prefix + "/{table}", self._post)
         app.router.add_patch(prefix + "/{table}", self._patch)
+        app.router.add_route("OPTIONS", prefix + "/rpc/{function}", self._preflight)
+        app.router.add_post(prefix + "/rpc/{function}", self._rpc)
 
     # --- handlers
 
@@ -575,7 +578,10 @@ class PostgrestServer:
                 await psycopg.AsyncConnection.connect(self.database_url) as conn,
                 conn.transaction(),
             ):
-                await self._check_table(conn, schema, table)
+                if table.startswith("rpc/"):
+                    await self._check_function(conn, schema, table[4:])
+                else:
+                    await self._check_table(conn, schema, table)
                 await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(caller.role)))
                 await conn.execute(
                     "SELECT set_config('request.jwt.claims', %s, true),"
@@ -599,6 +605,68 @@ class PostgrestServer:
             return "[]", 0
         return str(row[0]), int(row[1])
 
+    async def _rpc(self, request: web.Request) -> web.Response:
+        """`POST /rpc/<fn>` with named arguments: a scalar as JSON, a set as an array."""
+        try:
+            caller = self._authenticate(request)
+            schema = self._schema(request)
+            name = request.match_info["function"]
+            _ident(name, "function")
+            fn = sql.Identifier(schema, name)
+            body = await _json_body(request)
+            args = body if isinstance(body, dict) else {}
+            params = [_rpc_param(v) for v in args.values()]
+            call = sql.SQL("{}({})").format(
+                fn,
+                sql.SQL(", ").join(
+                    sql.SQL("{} => %s").format(_ident(k, "arguments")) for k in args
+                ),
+            )
+            returns_set = await self._returns_set(schema, name)
+            if returns_set:
+                stmt = sql.SQL(
+                    "SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM {} _r"
+                ).format(call)
+            else:
+                stmt = sql.SQL("SELECT to_json({})::text, 1").format(call)
+            text, _ = await self._run(request, caller, schema, "rpc/" + name, stmt, params)
+        except GatewayError as exc:
+            body = {"message": exc.message} | ({"hint": exc.hint} if exc.hint else {})
+            return _json_response(401, body)
+        except ApiError as exc:
+            return _json_response(exc.status, exc.body(), exc.headers)
+        return web.Response(
+            status=200, text=text or "null", headers=_CORS | {"Content-Type": JSON_CT}
+        )
+
+    async def _returns_set(self, schema: str, name: str) -> bool:
+        async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
+            cur = await conn.execute(
+                "SELECT bool_or(p.proretset) FROM pg_catalog.pg_proc p JOIN"
+                " pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = %s AND p.proname = %s",
+                (schema, name),
+            )
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def _check_function(
+        self, conn: psycopg.AsyncConnection[Any], schema: str, name: str
+    ) -> None:
+        cur = await conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n"
+            " ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname = %s",
+            (schema, name),
+        )
+        if await cur.fetchone() is None:
+            raise ApiError(
+                404,
+                "PGRST202",
+                f"Could not find the function {schema}.{name} in the schema cache",
+                hint="If a new function was created in the database with this name and"
+                " parameters, try reloading the schema cache.",
+            )
+
     async def _check_table(
         self, conn: psycopg.AsyncConnection[Any], schema: str, table: str
     ) -> None:
@@ -615,6 +683,17 @@ class PostgrestServer:
                 "PGRST205",
                 f"Could not find the table '{schema}.{table}' in the schema cache",
             )
+
+
+def _rpc_param(value: Any) -> Any:
+    """A JSON argument as an untyped literal; Postgres casts it to the parameter's type."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
 
 
 def _returning(target: sql.Identifier, prefs: dict[str, str]) -> sql.Composable:

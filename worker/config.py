@@ -242,6 +242,12 @@ class Settings(BaseSettings):
         description="Share of RELAY_MESSAGES_PER_SECOND the worker spends (Realtime closes "
         "channels at avg >= limit, and other clients count too).",
     )
+    relay_adaptive_batching: bool = Field(
+        True,
+        validation_alias=_env("RELAY_ADAPTIVE_BATCHING"),
+        description="Grow batches (more tokens per message) when the budget is short; false "
+        "keeps fixed batches (for benchmarks).",
+    )
     relay_max_in_flight: int = Field(
         32,
         ge=1,

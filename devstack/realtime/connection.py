@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from aiohttp import WSMsgType, web
 from loguru import logger
 
+from . import dbbroadcast
 from .authorization import AuthContext, AuthorizationUnavailable
 from .faults import AckOutcome
 from .protocol import (
@@ -32,6 +34,7 @@ from .protocol import (
     close_frame,
     decode_binary,
     decode_text,
+    encode_broadcast,
     encode_message,
     payload_too_large,
     reply_frame,
@@ -51,6 +54,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_GRACE_S = 3.0  # for queued frames and the close handshake (aiohttp's own timeout: 2 s)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class ChannelSession:
     token: str | None
     can_write: bool | None = None
     expiry_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # ref §3 "Replay": pushed right after the join reply; live copies of them suppressed.
+    replay: list[UserBroadcast] = field(default_factory=list, repr=False)
+    replayed_ids: set[str] = field(default_factory=set, repr=False)
 
     @property
     def sub_topic(self) -> str:
@@ -183,7 +190,7 @@ class SocketSession:
                 # Give queued frames (a reply, a close) a moment to go out.
                 self.push(_Close(CLOSE_NORMAL, ""), from_socket=True)
                 with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                    await asyncio.wait_for(asyncio.shield(writer), 1.0)
+                    await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE_S)
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await writer
@@ -249,7 +256,10 @@ class SocketSession:
             await self._broadcast(channel, frame)
         elif frame.event == "access_token":
             await self._access_token(channel, frame)
-        # Other events (presence, unknown) are not implemented: ignored without a reply.
+        elif frame.event != "presence":
+            # rt: realtime_channel.ex handle_in catch-all: counted, logged, no reply.
+            self.tenant.events.add(1)
+        # Presence is not implemented: its pushes are ignored without a reply.
 
     # ------------------------------------------------------------ join
 
@@ -294,6 +304,10 @@ class SocketSession:
                 ),
                 from_socket=True,
             )
+            for message in channel.replay:
+                data = encode_broadcast(self.version, channel.topic, message)
+                if data is not None:
+                    self.push(data, from_socket=True)
             self.server.attach_channel(channel)
         finally:
             self._unblock()
@@ -317,11 +331,11 @@ class SocketSession:
             and self.server.concurrent_users(tenant) >= limits.max_concurrent_users
         ):
             raise JoinRefused("ConnectionRateLimitReached: Too many connected users")
-        tenant.joins.add(1)
         if tenant.joins.triggered:
             raise JoinRefused(
                 "ClientJoinRateLimitReached: Too many joins per second", close_code=CLOSE_GOING_AWAY
             )
+        tenant.joins.add(1)  # rt: limit_joins counts only joins it lets through
         if len(self.channels) >= limits.max_channels_per_client:
             raise JoinRefused("ChannelRateLimitReached: Too many channels")
         token = payload.get("access_token") or payload.get("user_token") or self.apikey
@@ -348,8 +362,28 @@ class SocketSession:
             raise JoinRefused(
                 f"Unauthorized: You do not have permissions to read from this Channel topic: {name}"
             )
+        if replay is not None:
+            await self._load_replay(channel, replay)
         self.server.stats.joins += 1
         return channel
+
+    async def _load_replay(self, channel: ChannelSession, replay: Any) -> None:
+        since = replay.get("since") if isinstance(replay, dict) else None
+        if not isinstance(since, int) or isinstance(since, bool):
+            raise JoinRefused("UnableToReplayMessages: Replay params are not valid")
+        url = self.server.database_url
+        if url is None:
+            raise JoinRefused("UnableToReplayMessages: Realtime was unable to replay messages")
+        try:
+            channel.replay = await dbbroadcast.fetch_replay(
+                url, channel.sub_topic, since, dbbroadcast.replay_limit(replay.get("limit"))
+            )
+        except psycopg.Error as exc:
+            log.warning("replay query failed: {}", exc)
+            raise JoinRefused(
+                "UnableToReplayMessages: Realtime was unable to replay messages"
+            ) from exc
+        channel.replayed_ids = {str((m.meta or {}).get("id")) for m in channel.replay}
 
     async def _may_read(self, channel: ChannelSession) -> bool:
         try:

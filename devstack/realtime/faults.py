@@ -112,6 +112,18 @@ class Faults:
             self.refuse_upgrades -= 1
         return True
 
+    def exceed_message_rate(self, tenant_id: str | None = None) -> None:
+        """Push a tenant's message counter over its limit for one full 60 s window.
+
+        Adds `limit x 5 s x 12` events and closes a bucket: the average is then >= the
+        limit until that bucket leaves the window, so every channel that receives a
+        message meanwhile is shut down with "Too many messages per second" and REST
+        broadcasts get 429 (ref §6)."""
+        assert self.server is not None
+        counter = self.server.tenant(tenant_id).events
+        counter.add(int(counter.limit * counter.tick_s * counter.max_buckets))
+        self.server.tick()
+
     async def close_sockets(self, code: int, reason: str = "") -> int:
         """Close every open socket with `code` (1000, 1001, 1011, 1012...). Returns how many."""
         assert self.server is not None

@@ -283,7 +283,7 @@ def encode_user_broadcast_push(
     r = _field((ref or "").encode(), "ref")
     t = _field(topic.encode(), "topic")
     e = _field(event.encode(), "event")
-    m = _field(json.dumps(metadata).encode() if metadata else b"", "meta")
+    m = _field(json.dumps(metadata, separators=_COMPACT).encode() if metadata else b"", "meta")
     enc = 1 if encoding == "json" else 0
     header = bytes([KIND_USER_BROADCAST_PUSH, len(j), len(r), len(t), len(e), len(m), enc])
     return header + j + r + t + e + m + data

@@ -26,7 +26,12 @@ SIZE_MESSAGE = "Payload size exceeds tenant limit"
 
 
 async def preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers=CORS_HEADERS)
+    # Browsers (supabase-js) ask for apikey / authorization / x-client-info: echo them.
+    headers = dict(CORS_HEADERS)
+    requested = request.headers.get("Access-Control-Request-Headers")
+    if requested:
+        headers["Access-Control-Allow-Headers"] = requested
+    return web.Response(status=204, headers=headers)
 
 
 def _json(body: Any, status: int, headers: dict[str, str]) -> web.Response:

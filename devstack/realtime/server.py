@@ -20,7 +20,7 @@ from loguru import logger
 
 from devstack.jwt import DEFAULT_JWT_SECRET
 
-from . import rest
+from . import dbbroadcast, rest
 from .authorization import Authorizer, NoDatabase, PostgresAuthorizer
 from .connection import (
     CLOSE_SERVICE_RESTART,
@@ -29,7 +29,7 @@ from .connection import (
 )
 from .faults import Faults
 from .limits import RealtimeLimits, Timings
-from .protocol import Broadcast, Frame, encode_broadcast, negotiate_version
+from .protocol import Broadcast, Frame, UserBroadcast, encode_broadcast, negotiate_version
 from .ratecounter import RateCounter
 from .tokens import TokenError, verify_token
 
@@ -63,12 +63,21 @@ class RealtimeStats:
     client_broadcasts: int = 0  # accepted client broadcasts (counted on the rate counter)
     deliveries: int = 0  # frames queued to subscribers
     rest_messages: int = 0  # REST messages accepted and published
+    db_messages: int = 0  # realtime.send rows published
+    db_dropped: int = 0  # realtime.send rows dropped (rate limit, payload size)
     joins: int = 0  # successful joins
     rate_limit_shutdowns: int = 0  # channels closed with "Too many messages per second"
     unauthorized_drops: int = 0  # private sends dropped for lack of write permission
     v1_binary_skips: int = 0  # binary user broadcasts not sent to V1 subscribers
     replies: dict[str, int] = field(default_factory=dict)  # broadcast replies by status
     upgrades_refused: dict[int, int] = field(default_factory=dict)  # by HTTP status
+
+
+def _already_replayed(channel: ChannelSession, message: Broadcast) -> bool:
+    # ref §3 "Replay": later live copies of a replayed message are suppressed.
+    if not channel.replayed_ids or not isinstance(message, UserBroadcast) or not message.meta:
+        return False
+    return str(message.meta.get("id")) in channel.replayed_ids
 
 
 class RealtimeServer:
@@ -113,6 +122,9 @@ class RealtimeServer:
         self.faults = Faults(server=self)
         self.stats = RealtimeStats()
         self.tenants: dict[str, Tenant] = {}
+        self.database_url = database_url
+        self.db_listener_ready = asyncio.Event()
+        self._db_listener: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._expiry_tasks: set[asyncio.Task[None]] = set()
@@ -142,6 +154,11 @@ class RealtimeServer:
     def _start_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick_loop(), name="realtime-rate-ticker")
+        if self.database_url and (self._db_listener is None or self._db_listener.done()):
+            self._db_listener = asyncio.create_task(
+                dbbroadcast.listen(self.database_url, self.publish_db, self.db_listener_ready),
+                name="realtime-db-broadcast",
+            )
 
     async def start(self) -> None:
         """Run standalone on host:port (port 0 => a free port, see `url`)."""
@@ -163,11 +180,12 @@ class RealtimeServer:
             self._runner = None
 
     async def _shutdown(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        for task in (self._ticker, self._db_listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ticker = self._db_listener = None
         for task in list(self._expiry_tasks):
             task.cancel()
         await self.close_all_sockets(1001, "server shutting down")
@@ -254,23 +272,26 @@ class RealtimeServer:
         *,
         exclude: ChannelSession | None = None,
     ) -> int:
-        """Queue `message` to every subscriber of `key` (ref §3), counting each delivery
-        and shutting channels down while the tenant is over its rate (ref §6)."""
+        """Queue `message` to every subscriber of `key` (ref §3), counting each delivery.
+
+        ref §6 (rt: message_dispatcher.ex): the frame goes straight to the subscriber's
+        socket, and the channel, told to count it, shuts itself down ("Too many messages per
+        second") if the tenant's counter is triggered, so that frame still arrives first.
+        """
         delivered = 0
         for channel in list(tenant.subscribers.get(key, ())):
-            if channel is exclude:
+            if channel is exclude or _already_replayed(channel, message):
                 continue
             tenant.events.add(1)  # ref §6: +1 per delivery to each subscribed channel
-            if tenant.events.triggered:
-                self.stats.rate_limit_shutdowns += 1
-                channel.socket.shutdown_channel(channel, "Too many messages per second")
-                continue
             data = encode_broadcast(channel.socket.version, topic, message)
             if data is None:
                 self.stats.v1_binary_skips += 1
-                continue
-            channel.socket.push(data)
-            delivered += 1
+            else:
+                channel.socket.push(data)
+                delivered += 1
+            if tenant.events.triggered:
+                self.stats.rate_limit_shutdowns += 1
+                channel.socket.shutdown_channel(channel, "Too many messages per second")
         self.stats.deliveries += delivered
         return delivered
 
@@ -374,6 +395,18 @@ class RealtimeServer:
     def publish(self, tenant: Tenant, private: bool, sub: str, message: Broadcast) -> int:
         """Publish a server-originated message (REST, DB) to a sub-topic."""
         return self.deliver(tenant, (private, sub), "realtime:" + sub, message)
+
+    def publish_db(self, sub: str, private: bool, message: UserBroadcast) -> None:
+        """A committed `realtime.send` row (ref §5): counted, size- and rate-checked,
+        dropped when over either, else published as a user broadcast with `meta.id`."""
+        tenant = self.tenant()
+        too_big = len(message.data) > self.limits.max_payload_size_in_kb * 1000 + 500
+        if too_big or tenant.events.triggered:
+            self.stats.db_dropped += 1
+            return
+        tenant.events.add(1)  # ref §6: +1 per DB broadcast
+        self.stats.db_messages += 1
+        self.publish(tenant, private, sub, message)
 
     def describe(self) -> dict[str, Any]:
         """A snapshot for logs and debugging."""

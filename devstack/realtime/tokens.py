@@ -46,12 +46,11 @@ class TokenError(Exception):
         }[self.problem]
 
     def shutdown_message(self) -> str:
-        """The `system` error text when a joined channel's token fails (ref §2)."""
+        """The `system` error text when a joined channel's token fails (ref §2): the join
+        reasons without their `Code: ` prefix."""
         if self.problem is TokenProblem.EXPIRED:
             return f"Token has expired {self.expired_s_ago} seconds ago"
-        if self.problem is TokenProblem.CLAIMS:
-            return "Fields `role` and `exp` are required in JWT"
-        return self.join_reason()
+        return self.join_reason().split(": ", 1)[1]
 
 
 def verify_token(token: str | None, secret: str, now: float) -> dict[str, Any]:

@@ -112,3 +112,18 @@ END;
 $$;
 GRANT EXECUTE ON FUNCTION realtime.send(jsonb, text, text, boolean)
   TO anon, authenticated, service_role;
+
+-- devstack only: the local Realtime server cannot follow logical replication, so committed
+-- broadcast rows (realtime.send) wake it with a NOTIFY carrying the row id. NOTIFY is
+-- transactional: the rolled-back probe rows of authorization checks never reach it.
+CREATE OR REPLACE FUNCTION realtime.devstack_notify_broadcast() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('devstack_realtime_broadcast', NEW.id::text);
+  RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE TRIGGER devstack_notify_broadcast
+  AFTER INSERT ON realtime.messages
+  FOR EACH ROW WHEN (NEW.extension = 'broadcast')
+  EXECUTE FUNCTION realtime.devstack_notify_broadcast();

@@ -4,7 +4,8 @@
 // Configuration (URL fragment or query string, fragment wins; or ./demo-config.json):
 //   url      Supabase URL (default: this page's origin)
 //   key      anon key (required)
-//   token    the user's access token (a JWT for role `authenticated`)
+//   token    the user's access token (a JWT for role `authenticated`); without it the
+//            page signs in anonymously (supabase-js auth.signInAnonymously())
 //   session  session id (default: a new random uuid)
 //   stream   watch this request id only (no prompt box)
 //   budget   the project's messages/s budget drawn on the chart (default 100)
@@ -14,7 +15,7 @@
 import { subscribeToSession } from "./llm-relay-client.js";
 
 const $ = (id) => document.getElementById(id);
-const CHART_WINDOW_S = 60;
+const CHART_WINDOW_S = 30;
 
 async function loadConfig() {
   const params = new URLSearchParams(location.search);
@@ -194,11 +195,14 @@ class DemoPage {
     else if (view.gap) state = "gap";
     else if (view.nextOffset === 0 && !view.done) state = "waiting";
     el.dataset.state = state;
+    if (state === "complete" || state === "failed") el.querySelector(".stop").hidden = true;
     const label = {
       waiting: "waiting for tokens…",
       streaming: view.status?.status ? `streaming · ${view.status.status}` : "streaming",
       gap: "gap held, reading snapshot…",
-      complete: `done · ${view.done?.finish_reason ?? view.done?.status ?? "complete"}`,
+      complete:
+        `done (${view.done?.finish_reason ?? view.done?.status ?? "complete"})` +
+        (view.verified === true ? " · checksum ✓" : view.verified === false ? " · checksum ✗" : ""),
       failed: `failed · ${view.error?.type ?? "error"}${view.error?.message ? ": " + view.error.message : ""}`,
     }[state];
     el.querySelector(".state").textContent = label;
@@ -247,6 +251,14 @@ class DemoPage {
     if (error) throw new Error(`${error.code ?? ""} ${error.message}`);
     const card = this.card(data.id, text);
     card.submitAt = performance.now();
+    const stop = card.el.querySelector(".stop");
+    stop.hidden = false;
+    stop.addEventListener("click", async () => {
+      // Only asks: the worker aborts the upstream and tells the page (llm-status cancelled).
+      stop.disabled = true;
+      const { error: err } = await this.supabase.rpc("cancel_llm_request", { request_id: data.id });
+      if (err) notice(`could not cancel: ${err.message}`, true);
+    });
     this.sub.watch(data.id);
     return data.id;
   }
@@ -267,6 +279,30 @@ async function ensureSession(supabase, session) {
   if (error && error.code !== "23505") throw new Error(`${error.code ?? ""} ${error.message}`);
 }
 
+/**
+ * A client acting as the page's user: the given token, or else the stored session,
+ * or else a new anonymous user (supabase-js `auth.signInAnonymously()`).
+ */
+async function connect(config) {
+  const { createClient } = window.supabase;
+  if (config.token) {
+    const token = config.token;
+    return createClient(config.url, config.key, { accessToken: async () => token });
+  }
+  const supabase = createClient(config.url, config.key);
+  let { data: { session } } = await supabase.auth.getSession();
+  if (!session) {
+    const { data, error } = await supabase.auth.signInAnonymously();
+    if (error) {
+      notice(`could not sign in: ${error.message} (or pass #token=<user JWT>)`, true);
+      return null;
+    }
+    session = data.session;
+  }
+  config.token = session.access_token;
+  return supabase;
+}
+
 async function main() {
   const config = await loadConfig();
   $("budget-label").textContent = `${config.budget}/s`;
@@ -274,8 +310,8 @@ async function main() {
     notice("Missing the anon key: open this page with #key=<anon key>&token=<user JWT> (llm-relay demo prints the link).", true);
     return;
   }
-  const options = config.token ? { accessToken: async () => config.token } : {};
-  const supabase = window.supabase.createClient(config.url, config.key, options);
+  const supabase = await connect(config);
+  if (!supabase) return;
   const page = new DemoPage(config, supabase);
   window.demo = { page, config, supabase, ready: null };
 

@@ -28,7 +28,8 @@ export type UpdateEvent =
   | { type: "token"; outcome: "applied" | "duplicate" | "held" | "invalid"; payload: TokenPayload; at: number }
   | { type: "status" | "error" | "done"; payload: Record<string, unknown>; at: number }
   | { type: "snapshot"; moved: boolean; row: Record<string, unknown>; at: number }
-  | { type: "snapshot-error"; error: unknown; at: number };
+  | { type: "snapshot-error"; error: unknown; at: number }
+  | { type: "verified"; ok: boolean; at: number };
 
 export interface SubscribeOptions {
   /** session id; the topic is `llm-token:<session>` */
@@ -52,6 +53,12 @@ export interface SubscribeOptions {
   onUpdate?: (view: StreamView & { channel: string }, event: UpdateEvent) => void;
   /** supabase-js channel states: SUBSCRIBED, CHANNEL_ERROR, TIMED_OUT, CLOSED */
   onChannel?: (state: string, error: Error | null) => void;
+  /**
+   * Delays before joining a fresh channel after the server closed ours (supabase-js
+   * never rejoins a closed channel); default [1000, 2000, 5000, 10000], the last
+   * repeating; `[]` to stay closed.
+   */
+  resubscribeDelaysMs?: number[];
   /** clock in ms (default performance.now) */
   now?: () => number;
 }
@@ -64,6 +71,8 @@ export interface SessionSubscription {
   readonly joins: number;
   /** broadcasts received */
   readonly messages: number;
+  /** fresh channels joined after the server closed one */
+  readonly resubscribes: number;
   watch(streamId: string): StreamView;
   view(streamId: string): StreamView | null;
   unsubscribe(): Promise<void>;

@@ -13,7 +13,7 @@
 //   sub.watch(requestId);    // load its snapshot now (optional)
 //   await sub.unsubscribe();
 
-import { StreamAssembler } from "./reassembly.js";
+import { StreamAssembler, verifyChecksum } from "./reassembly.js";
 
 export { StreamAssembler } from "./reassembly.js";
 
@@ -75,17 +75,54 @@ class Subscription {
     this.joins = 0;
     this.messages = 0;
 
+    this.resubscribeDelaysMs = options.resubscribeDelaysMs ?? [1000, 2000, 5000, 10000];
+    this.resubscribes = 0;
+    this._resubscribeTimer = null;
+
     if (options.accessToken) supabase.realtime.setAuth(options.accessToken);
-    const config = { private: options.private !== false };
-    if (options.broadcast) config.broadcast = options.broadcast;
-    this.channel = supabase.channel(this.topic, { config });
-    this.channel
+    this.channel = this._join();
+    for (const id of options.streams ?? []) this.watch(id);
+  }
+
+  _join() {
+    const config = { private: this.options.private !== false };
+    if (this.options.broadcast) config.broadcast = this.options.broadcast;
+    const channel = this.supabase.channel(this.topic, { config });
+    channel
       .on("broadcast", { event: EVENTS.token }, (m) => this._onToken(m.payload))
       .on("broadcast", { event: EVENTS.status }, (m) => this._onMeta("status", m.payload))
       .on("broadcast", { event: EVENTS.error }, (m) => this._onMeta("error", m.payload))
       .on("broadcast", { event: EVENTS.done }, (m) => this._onMeta("done", m.payload))
-      .subscribe((state, err) => this._onChannel(state, err));
-    for (const id of options.streams ?? []) this.watch(id);
+      .subscribe((state, err) => {
+        // a replaced channel's late callbacks are not ours any more
+        if (channel === this.channel) this._onChannel(state, err);
+      });
+    return channel;
+  }
+
+  /**
+   * The server closed the channel (`phx_close` after "Too many messages per second",
+   * a revoked permission, an expired token): supabase-js removes it and never rejoins,
+   * so join a new one, with backoff; the rejoin reads the snapshots.
+   */
+  _scheduleResubscribe() {
+    if (this.closed || this._resubscribeTimer) return;
+    const delays = this.resubscribeDelaysMs;
+    if (!delays.length) return;
+    const delay = delays[Math.min(this.resubscribes, delays.length - 1)];
+    this._resubscribeTimer = setTimeout(async () => {
+      this._resubscribeTimer = null;
+      if (this.closed) return;
+      this.resubscribes += 1;
+      const old = this.channel;
+      this.channel = null;
+      try {
+        await this.supabase.removeChannel(old);
+      } catch {
+        // already gone
+      }
+      if (!this.closed) this.channel = this._join();
+    }, delay);
   }
 
   /** The assembler of a stream, created on first sight. */
@@ -101,6 +138,7 @@ class Subscription {
   }
 
   _emit(stream, event) {
+    if (stream.isComplete() && stream.verified === null && !stream.verifying) this._verify(stream);
     const view = stream.view();
     view.channel = this.channelState;
     try {
@@ -109,6 +147,15 @@ class Subscription {
       // a throwing callback must not break reassembly of the next message
       console.error("llm-relay onUpdate callback failed", err);
     }
+  }
+
+  /** Once complete, check the text against llm-done's SHA-256 (async WebCrypto). */
+  async _verify(stream) {
+    stream.verifying = true;
+    const ok = await verifyChecksum(stream.done, stream.content, stream.reasoning);
+    if (ok === null || this.closed) return;
+    stream.verified = ok;
+    this._emit(stream, { type: "verified", ok, at: this.now() });
   }
 
   _onToken(payload) {
@@ -136,6 +183,7 @@ class Subscription {
 
   _onChannel(state, err) {
     this.channelState = state;
+    if (state === "CLOSED" && !this.closed) this._scheduleResubscribe();
     if (state === "SUBSCRIBED") {
       this.joins += 1;
       // (Re)joined: whatever was broadcast while we were away is only in the
@@ -244,6 +292,7 @@ class Subscription {
   /** Leave the channel and stop reading snapshots. */
   async unsubscribe() {
     this.closed = true;
+    if (this._resubscribeTimer) clearTimeout(this._resubscribeTimer);
     for (const r of this._reads.values()) if (r.timer) clearTimeout(r.timer);
     this._reads.clear();
     await this.supabase.removeChannel(this.channel);

@@ -46,12 +46,20 @@ export interface StreamView {
   /** messages are held above a gap */
   gap: boolean;
   nextOffset: number;
+  /** null until checked; then whether the text matches llm-done's SHA-256 checksums */
+  verified: boolean | null;
   stats: AssemblerStats;
 }
 
 export declare const KINDS: readonly TokenKind[];
 export declare function validateTokenPayload(payload: unknown): string | null;
 export declare function doneTotal(done: unknown): number | null;
+export declare function sha256Hex(text: string): Promise<string | null>;
+export declare function verifyChecksum(
+  done: unknown,
+  content: string,
+  reasoning: string,
+): Promise<boolean | null>;
 
 export declare class StreamAssembler {
   constructor(options?: { stream?: string; offsetScope?: "stream" | "kind" });
@@ -62,6 +70,7 @@ export declare class StreamAssembler {
   error: Record<string, unknown> | null;
   done: Record<string, unknown> | null;
   stats: AssemblerStats;
+  verified: boolean | null;
   nextOffset(kind?: TokenKind): number;
   pushTokens(payload: unknown): "applied" | "duplicate" | "held" | "invalid";
   applySnapshot(snapshot: Snapshot | null | undefined): boolean;

@@ -84,6 +84,31 @@ class Lane {
   }
 }
 
+/**
+ * Hex SHA-256 of the UTF-8 bytes of `text` (the `llm-done` checksum), or null where
+ * WebCrypto is unavailable (plain http on a non-local host).
+ * @param {string} text
+ * @returns {Promise<string | null>}
+ */
+export async function sha256Hex(text) {
+  const subtle = globalThis.crypto?.subtle;
+  if (!subtle) return null;
+  const digest = await subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Compare the assembled texts with the checksums of an `llm-done` payload.
+ * @returns {Promise<boolean | null>} null when there is nothing to compare
+ */
+export async function verifyChecksum(done, content, reasoning) {
+  const sum = done?.checksum;
+  if (!sum || sum.algorithm !== "sha256") return null;
+  const [c, r] = await Promise.all([sha256Hex(content), sha256Hex(reasoning)]);
+  if (c === null || r === null) return null;
+  return c === sum.content && (sum.reasoning === undefined || r === sum.reasoning);
+}
+
 export class StreamAssembler {
   /**
    * @param {{stream?: string, offsetScope?: "stream" | "kind"}} [options]
@@ -99,6 +124,8 @@ export class StreamAssembler {
     this.error = null;
     this.done = null;
     this.lastSeq = -1;
+    /** null until checked; then whether the text matches llm-done's checksums */
+    this.verified = null;
     this.stats = newStats();
   }
 
@@ -287,6 +314,7 @@ export class StreamAssembler {
       failed: this.isFailed(),
       gap: this.hasGap(),
       nextOffset: this._lane("content").next,
+      verified: this.verified,
       stats: { ...this.stats },
     };
   }

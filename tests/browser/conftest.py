@@ -1,7 +1,8 @@
 """Headless Chromium (Debian's `chromium`) driven by Playwright, against the local stack.
 
 One aiohttp app on 127.0.0.1:0 plays the Supabase gateway: the Realtime stand-in
-(`/realtime/v1/*`), the PostgREST stand-in (`/rest/v1/*`) and `examples/frontend` as
+(`/realtime/v1/*`), the PostgREST stand-in (`/rest/v1/*`), the anonymous-sign-in
+stand-in (`/auth/v1/*`) and `examples/frontend` as
 static files (supabase-js comes from its `node_modules`, never from a CDN). The
 database is the per-test clone of the migrated template.
 
@@ -24,10 +25,11 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp import web
 
+from devstack.auth import AuthStandIn
 from devstack.jwt import api_key
 from devstack.postgres import REPO_ROOT
 from devstack.postgrest import PostgrestServer
-from devstack.realtime import RealtimeServer
+from devstack.realtime import RealtimeServer, Timings
 
 FRONTEND_DIR = REPO_ROOT / "examples" / "frontend"
 PAGES_DIR = Path(__file__).with_name("pages")
@@ -43,6 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+JOIN_ERROR_DELAY_S = 1.0
 # Every wait in a browser test is bounded by this (ms).
 PAGE_TIMEOUT_MS = 20_000
 
@@ -83,11 +86,15 @@ class Stack:
 
 @pytest.fixture
 async def stack(database_url: str) -> AsyncIterator[Stack]:
-    # Real time: supabase-js heartbeats every 25 s, so the 60 s idle close must stay real.
-    realtime = RealtimeServer(database_url=database_url)
+    # Real time (supabase-js heartbeats every 25 s, so the 60 s idle close must stay
+    # real), except the 5 s backoff before a join error: 1 s keeps refusals quick.
+    realtime = RealtimeServer(
+        database_url=database_url, timings=Timings(channel_error_backoff_s=JOIN_ERROR_DELAY_S)
+    )
     app = web.Application()
     realtime.add_routes(app)
     PostgrestServer(database_url).add_routes(app)
+    AuthStandIn(database_url).add_routes(app)
     app.router.add_static("/__tests__/", PAGES_DIR)
     app.router.add_static("/", FRONTEND_DIR)
     runner = web.AppRunner(app, access_log=None)

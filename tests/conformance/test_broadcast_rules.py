@@ -9,7 +9,7 @@ import pytest
 
 from devstack.realtime import RealtimeLimits, RealtimeServer
 
-from .conftest import TEST_TIME_SCALE
+from .conftest import TEST_TIME_SCALE, TEST_TIMINGS
 from .policies import TopicPolicy
 from .wsclient import RawClient
 
@@ -29,6 +29,7 @@ async def small_server() -> AsyncIterator[RealtimeServer]:
         time_scale=TEST_TIME_SCALE,
         limits=RealtimeLimits(max_payload_size_in_kb=1),
         authorizer=policy,
+        timings=TEST_TIMINGS,
     )
     await srv.start()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -28,7 +29,18 @@ async def test_heartbeat_is_echoed(server: RealtimeServer, anon_key: str, ref: s
     }
 
 
-async def test_idle_socket_is_closed_1000(server: RealtimeServer, anon_key: str) -> None:
+@pytest.fixture
+async def idle_server() -> AsyncIterator[RealtimeServer]:
+    srv = RealtimeServer(time_scale=TEST_TIME_SCALE)  # idle close after 0.6 s
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def test_idle_socket_is_closed_1000(idle_server: RealtimeServer, anon_key: str) -> None:
+    server = idle_server
     idle_s = 60.0 * TEST_TIME_SCALE
     client = await RawClient.connect(server.url, anon_key, ping_interval=None)
     started = time.monotonic()
@@ -37,7 +49,8 @@ async def test_idle_socket_is_closed_1000(server: RealtimeServer, anon_key: str)
     assert time.monotonic() - started >= idle_s * 0.9
 
 
-async def test_any_inbound_frame_resets_idle(server: RealtimeServer, anon_key: str) -> None:
+async def test_any_inbound_frame_resets_idle(idle_server: RealtimeServer, anon_key: str) -> None:
+    server = idle_server
     idle_s = 60.0 * TEST_TIME_SCALE
     client = await RawClient.connect(server.url, anon_key, ping_interval=None)
     for _ in range(4):

@@ -189,3 +189,21 @@ def test_time_scale_scales_every_delay() -> None:
     t = srv.timings
     assert (t.connect_error_backoff_s, t.channel_error_backoff_s) == pytest.approx((0.02, 0.05))
     assert (t.idle_timeout_s, t.rate_tick_s) == pytest.approx((0.6, 0.05))
+
+
+async def test_exceed_message_rate(server: RealtimeServer, anon_key: str) -> None:
+    tx = await RawClient.connect(server.url, anon_key)
+    rx = await RawClient.connect(server.url, anon_key)
+    join_ref, _ = await tx.join("room1")
+    await rx.join("room1")
+    server.faults.exceed_message_rate()
+    assert server.tenant().events.triggered
+    await tx.send("realtime:room1", "broadcast", MSG, ref="1", join_ref=join_ref)
+    assert (await rx.recv())["event"] == "broadcast"
+    assert (await rx.recv())["payload"]["message"] == "Too many messages per second"
+    assert (await rx.recv())["event"] == "phx_close"
+    async with (
+        aiohttp.ClientSession(headers={"apikey": anon_key}) as http,
+        http.post(server.url + "/api/broadcast/room1/events/e", json={}) as response,
+    ):
+        assert response.status == 429

@@ -129,7 +129,7 @@ async def _limited(**limits: int | bool) -> RealtimeServer:
     srv = RealtimeServer(
         time_scale=TEST_TIME_SCALE,
         limits=RealtimeLimits(**limits),  # type: ignore[arg-type]
-        timings=Timings(rate_tick_s=10_000),  # ticks by hand
+        timings=Timings(rate_tick_s=10_000, idle_timeout_s=600.0),  # ticks by hand
     )
     await srv.start()
     return srv

@@ -26,7 +26,7 @@ async def manual() -> AsyncIterator[RealtimeServer]:
     srv = RealtimeServer(
         time_scale=TEST_TIME_SCALE,
         limits=RealtimeLimits(max_events_per_second=2),
-        timings=Timings(rate_tick_s=10_000),
+        timings=Timings(rate_tick_s=10_000, idle_timeout_s=600.0),
     )
     await srv.start()
     try:
@@ -86,6 +86,8 @@ async def test_over_the_rate_receivers_get_system_error_and_close(
     assert counter.triggered and counter.avg == 2.0
     await tx.send("realtime:room1", "broadcast", MSG, ref="x", join_ref=join_ref)
     assert (await tx.recv())["payload"]["status"] == "ok"  # acceptance, not delivery
+    # The frame is fastlaned to the socket; the channel then counts it and shuts down.
+    assert (await rx.recv())["payload"] == MSG
     system = await rx.recv()
     assert system["event"] == "system"
     assert system["payload"] == {

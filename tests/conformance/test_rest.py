@@ -27,7 +27,7 @@ async def rest_server() -> AsyncIterator[RealtimeServer]:
     srv = RealtimeServer(
         time_scale=TEST_TIME_SCALE,
         limits=RealtimeLimits(max_events_per_second=3, max_payload_size_in_kb=1),
-        timings=Timings(rate_tick_s=10_000),
+        timings=Timings(rate_tick_s=10_000, idle_timeout_s=600.0),
         authorizer=TopicPolicy(readable={"open", "shut"}, writable={"open"}),
     )
     await srv.start()

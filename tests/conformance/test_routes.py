@@ -41,6 +41,19 @@ async def test_rest_on_both_paths_with_cors(
     assert batch.status == 202 and single.status == 202
     for response in (batch, single, preflight):
         assert response.headers["Access-Control-Allow-Origin"] == "*"
+    async with aiohttp.ClientSession() as http:
+        asked = await http.options(
+            server.url + prefix + "/api/broadcast/t/events/e",
+            headers={
+                "Origin": "http://localhost:5173",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "apikey,authorization,content-type,x-client-info",
+            },
+        )
+    assert asked.status == 204
+    assert asked.headers["Access-Control-Allow-Headers"] == (
+        "apikey,authorization,content-type,x-client-info"
+    )
 
 
 async def test_no_origin_check(server: RealtimeServer, anon_key: str) -> None:

@@ -4,8 +4,9 @@ realtime-py subscriber that reassembles streams with the client rule, token sour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
@@ -44,6 +45,7 @@ class Subscriber:
         self.topics: dict[str, TopicReassembly] = {}
         self.received_at: dict[tuple[str, int], float] = {}  # (stream, offset) -> first seen
         self.messages = 0
+        self.changed = asyncio.Event()
 
     async def join(self, topic: str) -> None:
         params: Any = {
@@ -64,6 +66,7 @@ class Subscriber:
                 for i in range(len(msg.tokens)):
                     self.received_at.setdefault((msg.stream, msg.offset + i), now)
             reassembly.apply(msg)
+            self.changed.set()
 
         channel.on_broadcast("*", on_message)
         states: list[RealtimeSubscribeStates] = []
@@ -73,13 +76,21 @@ class Subscriber:
     def stream(self, topic: str, stream_id: str) -> StreamReassembly:
         return self.topics[topic].streams[stream_id]
 
-    async def wait_complete(self, topic: str, stream_id: str, timeout_s: float = WAIT_S) -> None:
+    async def wait_until(self, condition: Callable[[], bool], timeout_s: float) -> None:
+        """Wait (bounded) until `condition()` holds; re-checked on every message."""
         async with asyncio.timeout(timeout_s):
-            while True:
-                state = self.topics[topic].streams.get(stream_id)
-                if state is not None and state.complete:
-                    return
-                await asyncio.sleep(0.02)
+            while not condition():
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await self.changed.wait()
+
+    async def wait_complete(self, topic: str, stream_id: str, timeout_s: float = WAIT_S) -> None:
+        def complete() -> bool:
+            state = self.topics[topic].streams.get(stream_id)
+            return state is not None and state.complete
+
+        await self.wait_until(complete, timeout_s)
 
     async def close(self) -> None:
         await self.client.close()

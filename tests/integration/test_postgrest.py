@@ -322,3 +322,29 @@ async def test_minimal_insert_needs_no_select_policy(
     )
     assert resp.status == 403
     assert (await resp.json())["code"] == "42501"
+
+
+async def test_rpc_calls_a_function_as_the_caller(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION public.my_count(min_n int) RETURNS bigint LANGUAGE sql STABLE"
+            " AS $$ SELECT count(*) FROM public.notes WHERE n >= min_n $$;"
+            "CREATE FUNCTION public.my_notes() RETURNS SETOF public.notes LANGUAGE sql STABLE"
+            " AS $$ SELECT * FROM public.notes ORDER BY n $$;"
+            "CREATE FUNCTION public.secret() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;"
+            "REVOKE ALL ON FUNCTION public.secret() FROM PUBLIC, anon, authenticated;"
+        )
+    alice = headers(user_token(ALICE))
+    resp = await client.post("/rest/v1/rpc/my_count", headers=alice, json={"min_n": 2})
+    assert resp.status == 200
+    assert await resp.json() == 1  # RLS: only alice's rows count
+    resp = await client.post("/rest/v1/rpc/my_notes", headers=alice, json={})
+    assert [r["body"] for r in await resp.json()] == ["a1", "a2"]
+    resp = await client.post("/rest/v1/rpc/secret", headers=alice, json={})
+    assert resp.status == 403
+    assert (await resp.json())["code"] == "42501"
+    resp = await client.post("/rest/v1/rpc/nope", headers=alice, json={})
+    assert resp.status == 404
+    assert (await resp.json())["code"] == "PGRST202"

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from devstack.jwt import api_key
 from devstack.realtime import RealtimeServer, Timings
@@ -53,6 +54,10 @@ async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
         await sub.close()
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def assert_exact(sub: Subscriber, topic: str, stream: str, content: str, reasoning: str) -> None:
     state = sub.stream(topic, stream)
     assert state.complete and state.held_messages == 0
@@ -91,12 +96,38 @@ async def test_one_stream_arrives_exactly(server: RealtimeServer, subscriber: Su
     assert result.next_offset == 340 and result.retries == 0
     assert_exact(subscriber, topic, stream, "".join(content), "".join(reasoning))
     state = subscriber.stream(topic, stream)
-    assert state.duplicate_tokens == 0
+    # Pipelined, yet every message arrived in order: no gap was ever held, no duplicate.
+    assert state.duplicate_tokens == 0 and state.gaps == 0
     assert [s.status for s in state.statuses] == ["retrying"]
     assert state.done is not None and state.done.content_sha256 == text_checksum("".join(content))
     assert snapshots[-1].final and snapshots[-1].next_offset == 340
     assert snapshots[-1].content == "".join(content)
     assert len(snapshots) >= 2
+
+
+async def test_pipelined_pushes_keep_their_order(
+    server: RealtimeServer, subscriber: Subscriber
+) -> None:
+    topic, stream = "llm-token:p1", "p-1"
+    await subscriber.join(topic)
+    settings = relay_settings(server, relay_ack_timeout_s=1.0, relay_max_in_flight=8)
+    server.faults.ack_delay_s = 0.15  # every ack comes late, but within our timeout
+    server.faults.ack_shares(delay=1.0)
+    content = words(600)
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        await pub.wait_connected(5)
+        result = await relay_stream(
+            token_source(content, per_token_s=0.001),
+            publisher=pub,
+            topic=topic,
+            stream_id=stream,
+            settings=settings,
+        )
+        await subscriber.wait_complete(topic, stream)
+        assert 1 < pub.max_in_flight_seen <= 8
+    assert result.retries == 0
+    assert_exact(subscriber, topic, stream, "".join(content), "")
+    assert subscriber.stream(topic, stream).gaps == 0
 
 
 async def test_forced_socket_close_mid_stream(
@@ -134,6 +165,9 @@ async def test_ack_errors_retry_then_token_fallback(
     server: RealtimeServer, subscriber: Subscriber
 ) -> None:
     topic, stream = "llm-token:s3", "st-3"
+    fallbacks_before = metric("relay_fallbacks_total")
+    retries_before = metric("relay_retries_total")
+    errors_before = metric("relay_flush_failures_total", reason="error")
     await subscriber.join(topic)
     settings = relay_settings(server)
     content = words(6)
@@ -151,6 +185,9 @@ async def test_ack_errors_retry_then_token_fallback(
         )
         await subscriber.wait_complete(topic, stream)
     assert (result.retries, result.fallbacks) == (3, 1)
+    assert metric("relay_fallbacks_total") >= fallbacks_before + 1
+    assert metric("relay_retries_total") >= retries_before + 3
+    assert metric("relay_flush_failures_total", reason="error") >= errors_before + 4
     assert_exact(subscriber, topic, stream, "".join(content), "")
     # Five one-token pieces replaced the batch: 1 + 1 + 5 messages.
     assert server.stats.replies.get("error") == 4
@@ -218,6 +255,8 @@ async def test_rest_fallback_while_the_socket_is_down(
     server: RealtimeServer, subscriber: Subscriber
 ) -> None:
     topic, stream = "llm-token:s6", "st-6"
+    rest_ok_before = metric("relay_rest_sends_total", outcome="ok")
+    reconnect_errors_before = metric("relay_reconnections_total", outcome="error")
     await subscriber.join(topic)
     settings = relay_settings(server)
     content = words(300)
@@ -247,4 +286,37 @@ async def test_rest_fallback_while_the_socket_is_down(
         await subscriber.wait_complete(topic, stream)
     assert result.error is None
     assert result.rest_messages > 0 and server.stats.rest_messages > 0
+    assert metric("relay_rest_sends_total", outcome="ok") >= rest_ok_before + result.rest_messages
+    assert metric("relay_reconnections_total", outcome="error") > reconnect_errors_before
+    assert_exact(subscriber, topic, stream, "".join(content), "")
+
+
+async def test_acks_stop_coming_the_client_is_replaced(
+    server: RealtimeServer, subscriber: Subscriber
+) -> None:
+    topic, stream = "llm-token:s7", "st-7"
+    await subscriber.join(topic)
+    settings = relay_settings(server, relay_ack_timeout_s=0.3)
+    content = words(300)
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        await pub.wait_connected(5)
+        task = asyncio.create_task(
+            relay_stream(
+                token_source(content, per_token_s=0.003),
+                publisher=pub,
+                topic=topic,
+                stream_id=stream,
+                settings=settings,
+            )
+        )
+        await asyncio.sleep(0.2)
+        # The socket stays open but swallows every push (a half-dead connection:
+        # realtime-py never checks heartbeat replies, so only our acks can tell).
+        server.faults.ack_shares(drop=1.0)
+        await asyncio.sleep(1.5)
+        server.faults.clear()
+        result = await asyncio.wait_for(task, 30)
+        await subscriber.wait_complete(topic, stream)
+        assert pub.clients_created >= 2
+    assert result.error is None and result.retries > 0
     assert_exact(subscriber, topic, stream, "".join(content), "")

@@ -112,3 +112,12 @@ def test_empty_feed_and_empty_stream() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"") == []
     assert decoder.flush() == []
+
+
+def test_fast_path_keeps_pending_fields() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"id: 9\nevent: error\n") == []
+    assert decoder.feed(b'data: {"x": 1}\n\n') == [SSEEvent('{"x": 1}', "error", "9")]
+    assert decoder.feed(b"data: next\n\n") == [SSEEvent("next", "message", "9")]
+    # A bare CR ends a line: "b" becomes an unknown field, ignored.
+    assert decoder.feed(b"data: a\rb\n\n") == [SSEEvent("a", "message", "9")]

@@ -62,6 +62,8 @@ def body(message: str, type_: str | None = None, code: str | None = None) -> byt
         (503, body("x", "weird"), "server_error", True),
         (418, b"teapot", "upstream_error", False),
         (504, b"", "timeout", True),
+        (498, body("flex at capacity", "capacity_exceeded"), "rate_limit", True),
+        (498, b"", "rate_limit", True),
     ],
 )
 def test_status_mapping(status: int, payload: bytes, kind: str, retryable: bool) -> None:

@@ -55,6 +55,7 @@ def test_breaker_opens_half_opens_and_closes() -> None:
     assert not breaker.allow(5)
     assert breaker.allow(12)  # one trial after reset_s
     assert breaker.state.name == "HALF_OPEN"
+    assert not breaker.allow(12.5)  # only one: others skip while it runs
     breaker.record_failure(err("timeout"), now=12)  # the trial failed: open again
     assert breaker.state.name == "OPEN" and not breaker.allow(13)
     assert breaker.allow(23)
@@ -93,3 +94,11 @@ def test_usage_estimate_and_combination() -> None:
         {"prompt_tokens": 20, "completion_tokens": 27, "total_tokens": 47},
         True,
     )
+
+
+def test_breaker_replaces_a_trial_that_never_reported() -> None:
+    breaker = CircuitBreaker("groq", failures=1, reset_s=10)
+    breaker.record_failure(err(), now=0)
+    assert breaker.allow(10)  # the trial starts, and its consumer goes away
+    assert not breaker.allow(15)
+    assert breaker.allow(20)  # a new trial

@@ -157,6 +157,12 @@ class StreamHandle:
             async with asyncio.timeout(timeout_s):
                 while self.outstanding:
                     self._publisher._raise_if_failed()
+                    if self._publisher.state is PublisherState.CLOSED:
+                        raise PublishError(
+                            "publisher closed with messages unacknowledged",
+                            topic=self.topic,
+                            reason="closed",
+                        )
                     self._idle.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.5):
@@ -265,15 +271,23 @@ class _Lane:
     async def _wait_ready(self) -> _Item:
         while True:
             now = time.monotonic()
-            if len(self.in_flight) < self.pub.settings.relay_max_in_flight:
-                item = self._ready(now)
-                if item is not None:
-                    return item
+            if len(self.in_flight) >= self.pub.settings.relay_max_in_flight:
+                # Window full: the next ack or failure sets `wake`.
+                await self._sleep(self.pub.settings.relay_ack_timeout_s)
+                continue
+            item = self._ready(now)
+            if item is not None:
+                return item
             await self._sleep(self._next_wake_in(now) if self.pending else 1.0)
 
     def _coalesce(self, first: _Item) -> _Item:
         """Merge the never-sent token batches queued right after `first` into it."""
-        if first.token is None or first.payload is not None or first.is_piece:
+        if (
+            first.token is None
+            or first.payload is not None
+            or first.is_piece
+            or not self.pub.settings.relay_adaptive_batching
+        ):
             return first
         start = self.pending.index(first)
         tokens = list(first.token.tokens)
@@ -345,6 +359,7 @@ class _Lane:
         item.in_flight = True
         item.sent_at = time.monotonic()
         self.in_flight.add(item)
+        self.pub.max_in_flight_seen = max(self.pub.max_in_flight_seen, len(self.in_flight))
         try:
             push = await channel.push(
                 "broadcast",
@@ -541,6 +556,7 @@ class Publisher:
         self._failure: BaseException | None = None
         self.reconnections = 0
         self.clients_created = 0
+        self.max_in_flight_seen = 0  # pipelining depth reached on any topic
 
     # --- lifecycle ---
 

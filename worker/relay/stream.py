@@ -162,7 +162,7 @@ class _Pump:
         else:
             self.result.reasoning_tokens += 1
         self.handle.note_activity(now)
-        if now - self.pacing_at >= PACING_REFRESH_S:
+        if self.settings.relay_adaptive_batching and now - self.pacing_at >= PACING_REFRESH_S:
             self.pacing_at = now
             self.batcher.set_min_interval(self.handle.min_interval_s(now))
         self.send(self.batcher.feed(token, now))

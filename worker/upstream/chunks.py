@@ -84,7 +84,7 @@ class ChunkParser:
         data = event.data
         if event.event == "error":
             raise self._error_from_data(data)
-        if data.strip() == DONE_MARKER:
+        if data[:1] != "{" and data.strip() == DONE_MARKER:
             self.done = True
             return [self._finished()]
         try:
@@ -97,13 +97,14 @@ class ChunkParser:
                 status=200,
                 tokens_received=self.tokens_received,
             ) from exc
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             raise self._malformed(f"chunk is a JSON {type(chunk).__name__}, not an object")
-        err = error_object_of(chunk)
-        if err is not None:
-            raise error_from_object(
-                err, provider=self.provider, status=200, tokens_received=self.tokens_received
-            )
+        if "error" in chunk:
+            err = error_object_of(chunk)
+            if err is not None:
+                raise error_from_object(
+                    err, provider=self.provider, status=200, tokens_received=self.tokens_received
+                )
         return self._chunk(chunk)
 
     def end_of_stream(self) -> Finished:
@@ -151,21 +152,36 @@ class ChunkParser:
         )
 
     def _chunk(self, chunk: dict[str, Any]) -> list[UpstreamEvent]:
-        out: list[UpstreamEvent] = []
         model = chunk.get("model")
-        if model and isinstance(model, str):
+        if model and model != self.model and isinstance(model, str):
             self.model = model
         usage = chunk.get("usage")
-        if isinstance(usage, dict):
+        if usage is not None and isinstance(usage, dict):
             self.usage = usage
-        x_groq = chunk.get("x_groq")
-        if isinstance(x_groq, dict):
-            self._x_groq(x_groq)
+        if "x_groq" in chunk and isinstance(chunk["x_groq"], dict):
+            self._x_groq(chunk["x_groq"])
         choices = chunk.get("choices")
         if not choices:
-            return out  # the include_usage chunk, or a keep-alive chunk
-        if not isinstance(choices, list):
+            return []  # the include_usage chunk, or a keep-alive chunk
+        if type(choices) is not list:
             raise self._malformed("`choices` is not a list")
+        if len(choices) == 1:
+            choice = choices[0]
+            delta = choice.get("delta") if type(choice) is dict else None
+            if (
+                # The hot path: one choice whose delta is just a content string.
+                type(delta) is dict
+                and len(delta) == 1
+                and choice.get("index", 0) == 0
+                and not choice.get("finish_reason")
+            ):
+                content = delta.get("content")
+                if type(content) is str:
+                    if not content:
+                        return []
+                    self.content_tokens += 1
+                    return [Token("content", content)]
+        out: list[UpstreamEvent] = []
         for choice in choices:
             # n > 1 is not relayed: only the first choice is the answer.
             if isinstance(choice, dict) and choice.get("index", 0) == 0:

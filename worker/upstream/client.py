@@ -33,7 +33,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 from loguru import logger
@@ -41,7 +41,8 @@ from loguru import logger
 from worker.config import DEFAULT_MODELS, Provider, Settings
 from worker.errors import ConfigError, UpstreamError
 from worker.upstream.chunks import ChunkParser
-from worker.upstream.errormap import error_from_response, map_httpx_exceptions
+from worker.upstream.deadline import ReadTimeout, ReadWatchdog
+from worker.upstream.errormap import error_from_httpx, error_from_response, map_httpx_exceptions
 from worker.upstream.events import (
     Finished,
     GenerationRequest,
@@ -94,6 +95,9 @@ class _Read:
     progress: _Progress
     messages: list[dict[str, Any]]
     start_tokens: int  # progress.tokens when the attempt began
+    produced: bool = False  # output (token, tool call, refusal) reached the consumer
+    error: UpstreamError | None = None  # a failure found while parsing a read
+    accounted: bool = False  # its partial usage was recorded
 
 
 def parse_fallbacks(value: str) -> list[Provider]:
@@ -210,10 +214,11 @@ class UpstreamClient:
         log = logger.bind(event="upstream", provider=request.provider)
         while True:
             try:
-                events = self._acquire(request, messages, progress, stats, total_deadline)
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        yield event
+                batches = self._acquire(request, messages, progress, stats, total_deadline)
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        for event in batch:
+                            yield event
                 stats.end_s = time.monotonic() - stats.started
                 return
             except UpstreamError as error:
@@ -302,65 +307,51 @@ class UpstreamClient:
         progress: _Progress,
         stats: StreamStats,
         total_deadline: float,
-    ) -> AsyncGenerator[UpstreamEvent, None]:
+    ) -> AsyncGenerator[list[UpstreamEvent], None]:
+        """Batches of events (one per network read); retries and falls back until the
+        first output, re-raises after it."""
         chain = self._chain(request)
         last_error: UpstreamError | None = None
         for index, (provider, model) in enumerate(chain):
             breaker = self.breakers[provider]
             if index > 0:
                 assert last_error is not None
-                yield Status(
-                    "fallback",
-                    {
-                        "from": chain[index - 1][0],
-                        "to": provider,
-                        "model": model,
-                        "reason": last_error.type,
-                    },
-                )
+                yield [
+                    Status(
+                        "fallback",
+                        {
+                            "from": chain[index - 1][0],
+                            "to": provider,
+                            "model": model,
+                            "reason": last_error.type,
+                        },
+                    )
+                ]
             if not breaker.allow(time.monotonic()):
                 last_error = UpstreamError(
-                    f"circuit breaker open for {provider}",
-                    type="server_error",
-                    provider=provider,
+                    f"circuit breaker open for {provider}", type="server_error", provider=provider
                 )
                 continue
             attempt = 0
             while True:
-                produced = False
-                attempt_events = self._attempt(
-                    provider, model, request, messages, progress, stats, total_deadline
-                )
+                read = _Read(ChunkParser(provider, model), progress, messages, progress.tokens)
                 try:
-                    async with contextlib.aclosing(attempt_events):
-                        async for event in attempt_events:
-                            if not isinstance(event, Status):
-                                produced = True
-                            yield event
+                    batches = self._attempt(read, request, stats, total_deadline)
+                    async with contextlib.aclosing(batches):
+                        async for batch in batches:
+                            yield batch
                     breaker.record_success()
                     return
                 except UpstreamError as error:
                     breaker.record_failure(error, time.monotonic())
-                    if produced:
+                    if read.produced:
                         raise  # mid-stream: layer 1 decides
                     last_error = error
                     delay = self.policy.delay_for(error, attempt)
                     if delay is None or asyncio.get_running_loop().time() + delay > total_deadline:
                         break
                     attempt += 1
-                    logger.bind(event="upstream_retry", provider=provider).info(
-                        "retry {} in {:.2f}s after {}", attempt, delay, error.type
-                    )
-                    yield Status(
-                        "retrying",
-                        {
-                            "provider": provider,
-                            "attempt": attempt,
-                            "delay_s": round(delay, 3),
-                            "reason": error.type,
-                            "status": error.status,
-                        },
-                    )
+                    yield [self._retrying(provider, attempt, delay, error)]
                     await self._sleep(delay)
                     if not breaker.allow(time.monotonic()):
                         break
@@ -368,6 +359,22 @@ class UpstreamClient:
                 break  # the same request would be refused by the next provider too
         assert last_error is not None
         raise last_error
+
+    @staticmethod
+    def _retrying(provider: str, attempt: int, delay: float, error: UpstreamError) -> Status:
+        logger.bind(event="upstream_retry", provider=provider).info(
+            "retry {} in {:.2f}s after {}", attempt, delay, error.type
+        )
+        return Status(
+            "retrying",
+            {
+                "provider": provider,
+                "attempt": attempt,
+                "delay_s": round(delay, 3),
+                "reason": error.type,
+                "status": error.status,
+            },
+        )
 
     # --- layer 3: one HTTP request ---
     def _body(
@@ -385,33 +392,40 @@ class UpstreamClient:
         body.update(request.extra)
         return body
 
-    async def _attempt(
-        self,
-        provider: Provider,
-        model: str,
-        request: GenerationRequest,
-        messages: list[dict[str, Any]],
-        progress: _Progress,
-        stats: StreamStats,
-        total_deadline: float,
-    ) -> AsyncGenerator[UpstreamEvent, None]:
-        loop = asyncio.get_running_loop()
-        settings = self.settings
-        stats.attempts += 1
-        stats.provider, stats.model, stats.http_status = provider, model, None
-        first_deadline = min(total_deadline, loop.time() + settings.relay_first_token_timeout_s)
+    async def _open(
+        self, read: _Read, request: GenerationRequest, deadline: float
+    ) -> httpx.Response:
+        """Send the request; return the response of a stream that began (200, SSE)."""
+        provider, model = cast(Provider, read.parser.provider), read.parser.model
         headers = {"Accept": "text/event-stream"}
-        key = settings.api_key_for(provider)
+        key = self.settings.api_key_for(provider)
         if key is not None:
             headers["Authorization"] = f"Bearer {key.get_secret_value()}"
-        url = settings.base_url_for(provider).rstrip("/") + "/chat/completions"
-        http_request = self._http.build_request(
-            "POST", url, json=self._body(provider, model, request, messages), headers=headers
-        )
+        url = self.settings.base_url_for(provider).rstrip("/") + "/chat/completions"
+        body = self._body(provider, model, request, read.messages)
+        http_request = self._http.build_request("POST", url, json=body, headers=headers)
         with map_httpx_exceptions(provider):
-            response = await self._deadline(
-                self._http.send(http_request, stream=True), first_deadline, "headers", provider
+            response: httpx.Response = await self._deadline(
+                self._http.send(http_request, stream=True), deadline, "headers", provider
             )
+        return response
+
+    async def _attempt(
+        self,
+        read: _Read,
+        request: GenerationRequest,
+        stats: StreamStats,
+        total_deadline: float,
+    ) -> AsyncGenerator[list[UpstreamEvent], None]:
+        loop = asyncio.get_running_loop()
+        provider = read.parser.provider
+        stats.attempts += 1
+        stats.provider, stats.model, stats.http_status = provider, read.parser.model, None
+        first_deadline = min(
+            total_deadline, loop.time() + self.settings.relay_first_token_timeout_s
+        )
+        response = await self._open(read, request, first_deadline)
+        watchdog = ReadWatchdog()
         try:
             stats.http_status = response.status_code
             if stats.headers_s is None:
@@ -421,66 +435,71 @@ class UpstreamClient:
             content_type = response.headers.get("content-type", "")
             if "text/html" in content_type or "application/json" in content_type:
                 raise await self._not_a_stream(response, provider, first_deadline)
-            read = _Read(ChunkParser(provider, model), progress, messages, progress.tokens)
-            events = self._events(response, read, stats, first_deadline, total_deadline)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield event
+            decoder = SSEDecoder()
+            encoded = response.headers.get("content-encoding", "identity") != "identity"
+            chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+            idle_s = self.settings.relay_idle_timeout_s
+            while not read.parser.done:
+                deadline = first_deadline
+                if read.produced:
+                    deadline = min(total_deadline, loop.time() + idle_s)
+                try:
+                    data = await watchdog.read(anext(chunks), deadline)
+                except StopAsyncIteration:
+                    break
+                except ReadTimeout:
+                    phase = "idle" if read.produced else "first token"
+                    error = UpstreamError(
+                        f"no chunk before the {phase} deadline", type="timeout", provider=provider
+                    )
+                    raise self._with_partial_usage(error, read) from None
+                except httpx.HTTPError as exc:
+                    error = error_from_httpx(exc, provider)
+                    raise self._with_partial_usage(error, read) from exc
+                batch = self._parse(read, decoder.feed(data))
+                if batch:
+                    self._note_output(read, batch, stats)
+                    yield batch
+                if read.error is not None:
+                    raise read.error
+            if not read.parser.done:
+                yield self._end_of_stream(read, decoder)
         finally:
+            watchdog.close()
             await response.aclose()
 
-    async def _events(
-        self,
-        response: httpx.Response,
-        read: _Read,
-        stats: StreamStats,
-        first_deadline: float,
-        total_deadline: float,
-    ) -> AsyncGenerator[UpstreamEvent, None]:
-        loop = asyncio.get_running_loop()
-        provider = read.parser.provider
-        decoder = SSEDecoder()
-        chunks = response.aiter_bytes()
-        got_output = False
-        while not read.parser.done:
-            deadline, phase = first_deadline, "first token"
-            if got_output:
-                idle = loop.time() + self.settings.relay_idle_timeout_s
-                deadline, phase = min(total_deadline, idle), "idle"
-            try:
-                with map_httpx_exceptions(provider):
-                    data = await self._deadline(anext(chunks), deadline, phase, provider)
-            except StopAsyncIteration:
-                break
-            except UpstreamError as error:
-                raise self._with_partial_usage(error, read) from error.__cause__
-            for event in self._parse(read, decoder.feed(data)):
-                if not got_output and isinstance(event, Token | ToolCallDelta | Refusal):
-                    got_output = True
-                    if stats.first_token_s is None:
-                        stats.first_token_s = time.monotonic() - stats.started
-                yield event
-        if read.parser.done:
-            return
-        for event in self._parse(read, decoder.flush()):
-            yield event
+    def _end_of_stream(self, read: _Read, decoder: SSEDecoder) -> list[UpstreamEvent]:
+        batch = self._parse(read, decoder.flush())
+        if read.error is not None:
+            raise read.error
         if not read.parser.done:
             try:
-                finished = read.parser.end_of_stream()
+                batch.append(self._finished(read.parser.end_of_stream(), read))
             except UpstreamError as error:
                 raise self._with_partial_usage(error, read) from None
-            yield self._finished(finished, read)
+        return batch
+
+    @staticmethod
+    def _note_output(read: _Read, batch: list[UpstreamEvent], stats: StreamStats) -> None:
+        if not read.produced and any(isinstance(e, Token | ToolCallDelta | Refusal) for e in batch):
+            read.produced = True
+            if stats.first_token_s is None:
+                stats.first_token_s = time.monotonic() - stats.started
 
     def _parse(self, read: _Read, sse_events: list[SSEEvent]) -> list[UpstreamEvent]:
+        """Events of one read. A failure keeps the events before it (they are yielded
+        first) and is left in `read.error` for the caller to raise."""
         out: list[UpstreamEvent] = []
         progress = read.progress
+        parser = read.parser
         for sse in sse_events:
             try:
-                events = read.parser.feed(sse)
+                events = parser.feed(sse)
             except UpstreamError as error:
-                raise self._with_partial_usage(error, read) from error.__cause__
+                read.error = self._with_partial_usage(error, read)
+                break
             for event in events:
-                if isinstance(event, Token):
+                if type(event) is Token:
                     progress.tokens += 1
                     if event.kind == "content":
                         progress.content.append(event.text)
@@ -511,7 +530,8 @@ class UpstreamClient:
         """The attempt died: account for what it consumed (an estimate, flagged)."""
         progress = read.progress
         completion = progress.tokens - read.start_tokens
-        if completion > 0:  # an attempt that produced nothing is assumed unbilled
+        if completion > 0 and not read.accounted:  # an attempt with no output: unbilled
+            read.accounted = True
             progress.usage_parts.append((estimate_usage(read.messages, completion), True))
         usage, estimated = combine_usage(progress.usage_parts)
         error.tokens_received = progress.tokens

@@ -13,6 +13,8 @@ Sources for the provider shapes this reads:
   `retry-after-ms` (milliseconds) before `retry-after`.
 - OpenAI's 429 with `code: insufficient_quota` is a billing state, not a rate:
   retrying never helps.
+- Groq's custom 498 `capacity_exceeded` (flex tier full): "Add jittered backoff and
+  retries" (console.groq.com/docs/flex-processing), so it is treated as a rate limit.
 """
 
 from __future__ import annotations
@@ -76,7 +78,15 @@ def _type_from_error_object(err: Mapping[str, Any]) -> tuple[UpstreamErrorType, 
     words = f"{err.get('type') or ''} {err.get('code') or ''}".lower()
     if "insufficient_quota" in words:
         return "rate_limit", False
-    if "rate_limit" in words or words.split()[:1] in (["tokens"], ["requests"]):
+    if (
+        "rate_limit" in words
+        or "capacity_exceeded" in words
+        or words.split()[:1]
+        in (
+            ["tokens"],
+            ["requests"],
+        )
+    ):
         return "rate_limit", None
     if any(w in words for w in ("invalid_api_key", "authentication", "permission", "unauth")):
         return "auth", None
@@ -92,7 +102,7 @@ def _type_from_error_object(err: Mapping[str, Any]) -> tuple[UpstreamErrorType, 
 def _type_from_status(status: int) -> UpstreamErrorType:
     if status in (401, 403):
         return "auth"
-    if status == 429:
+    if status in (429, 498):  # 498: Groq's flex tier at capacity (docs: retry with backoff)
         return "rate_limit"
     if status in (408, 504):
         return "timeout"
@@ -195,25 +205,32 @@ def _with_type(error: UpstreamError, kind: UpstreamErrorType) -> UpstreamError:
     )
 
 
-@contextlib.contextmanager
-def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator[None]:
-    """Translate httpx transport failures, once, at the edge (httpx's own pattern)."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        phase = type(exc).__name__  # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
-        raise UpstreamError(
-            f"{phase}: {str(exc) or 'timed out'}",
+def error_from_httpx(
+    exc: httpx.HTTPError, provider: str, *, tokens_received: int = 0
+) -> UpstreamError:
+    """One httpx failure as an `UpstreamError` (the caller raises it `from exc`)."""
+    if isinstance(exc, httpx.TimeoutException):
+        # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
+        return UpstreamError(
+            f"{type(exc).__name__}: {str(exc) or 'timed out'}",
             type="timeout",
             provider=provider,
             tokens_received=tokens_received,
-        ) from exc
-    except httpx.TransportError as exc:
-        # ConnectError, ReadError (connection reset), RemoteProtocolError (peer closed
-        # mid-body, incomplete chunked read), WriteError, ProxyError...
-        raise UpstreamError(
-            f"{type(exc).__name__}: {str(exc) or 'connection reset or closed by the peer'}",
-            type="connection_lost",
-            provider=provider,
-            tokens_received=tokens_received,
-        ) from exc
+        )
+    # ConnectError, ReadError (connection reset), RemoteProtocolError (peer closed
+    # mid-body, incomplete chunked read), WriteError, ProxyError, decoding errors...
+    return UpstreamError(
+        f"{type(exc).__name__}: {str(exc) or 'connection reset or closed by the peer'}",
+        type="connection_lost",
+        provider=provider,
+        tokens_received=tokens_received,
+    )
+
+
+@contextlib.contextmanager
+def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator[None]:
+    """Translate httpx failures, once, at the edge (httpx's own `map_*_exceptions` pattern)."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise error_from_httpx(exc, provider, tokens_received=tokens_received) from exc

@@ -54,7 +54,11 @@ class BreakerState(enum.Enum):
 
 
 class CircuitBreaker:
-    """Consecutive retryable failures open it; after `reset_s` one trial may pass."""
+    """Consecutive retryable failures open it; after `reset_s` one trial may pass.
+
+    While the trial runs (half-open) other requests skip the provider; a trial that
+    never reports back (its consumer went away) is replaced after another `reset_s`.
+    """
 
     def __init__(self, provider: str, *, failures: int, reset_s: float) -> None:
         self.provider = provider
@@ -62,6 +66,7 @@ class CircuitBreaker:
         self.reset_s = reset_s
         self.failures = 0
         self.opened_at = 0.0
+        self.trial_at = 0.0
         self._state = BreakerState.CLOSED
 
     @property
@@ -76,10 +81,14 @@ class CircuitBreaker:
             self._state = state
 
     def allow(self, now: float) -> bool:
-        if self._state is BreakerState.OPEN and now - self.opened_at >= self.reset_s:
+        if self._state is BreakerState.CLOSED:
+            return True
+        since = self.opened_at if self._state is BreakerState.OPEN else self.trial_at
+        if now - since >= self.reset_s:
             self._set_state(BreakerState.HALF_OPEN)
+            self.trial_at = now
             return True  # the one trial
-        return self._state is not BreakerState.OPEN
+        return False
 
     def record_success(self) -> None:
         self.failures = 0

@@ -76,6 +76,25 @@ class SSEDecoder:
         """Consume bytes from the wire; return the events they complete, in order."""
         if not data:
             return []
+        if (
+            # The hot path: one whole `data: ...` event per read, nothing pending.
+            not self._buffer
+            and not self._data
+            and not self._skip_lf
+            and not self._at_start
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == len(data) - 2
+            and data.endswith(b"\n\n")
+            and b"\r" not in data
+        ):
+            event = SSEEvent(
+                data[6:-2].decode("utf-8", "replace"),
+                self._event or "message",
+                self._last_id,
+                self._retry,
+            )
+            self._event = ""
+            return [event]
         if self._skip_lf:
             self._skip_lf = False
             if data[:1] == b"\n":

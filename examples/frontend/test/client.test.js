@@ -144,3 +144,35 @@ describe("subscribeToSession", () => {
     await sub.unsubscribe();
   });
 });
+
+describe("server-closed channel", () => {
+  it("joins a fresh channel after CLOSED and reads the snapshot again", async () => {
+    const sb = new FakeSupabase({ r1: [{ content: "abc", reasoning: "", next_offset: 3, status: "running" }] });
+    const removed = [];
+    sb.removeChannel = async (ch) => removed.push(ch);
+    const sub = subscribeToSession(sb, { session: "s", resubscribeDelaysMs: [5] });
+    const first = sb.ch;
+    first.state("SUBSCRIBED");
+    first.deliver("llm-token", tok(0, ["a"]));
+    first.state("CLOSED"); // "Too many messages per second" + phx_close
+    await until(() => sb.ch !== first);
+    first.state("CLOSED"); // late callbacks of the old channel are ignored
+    assert.deepEqual(removed, [first]);
+    sb.ch.state("SUBSCRIBED");
+    await until(() => sub.view("r1").content === "abc");
+    assert.equal(sub.resubscribes, 1);
+    assert.equal(sub.joins, 2);
+    await sub.unsubscribe();
+  });
+
+  it("does not rejoin after unsubscribe()", async () => {
+    const sb = new FakeSupabase({});
+    const sub = subscribeToSession(sb, { session: "s", resubscribeDelaysMs: [5] });
+    const first = sb.ch;
+    await sub.unsubscribe();
+    first.state("CLOSED");
+    await wait(20);
+    assert.equal(sb.ch, first);
+    assert.equal(sub.resubscribes, 0);
+  });
+});

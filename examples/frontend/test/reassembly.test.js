@@ -242,3 +242,15 @@ describe("bad input", () => {
     assert.deepEqual(v.status, { state: "retrying", attempt: 2 });
   });
 });
+
+describe("checksum", () => {
+  it("verifies the texts against llm-done's SHA-256 of UTF-8", async () => {
+    const { createHash } = await import("node:crypto");
+    const { verifyChecksum } = await import("../reassembly.js");
+    const hex = (t) => createHash("sha256").update(t, "utf8").digest("hex");
+    const done = { checksum: { algorithm: "sha256", content: hex(TEXT), reasoning: hex("") } };
+    assert.equal(await verifyChecksum(done, TEXT, ""), true);
+    assert.equal(await verifyChecksum(done, TEXT.slice(0, -1), ""), false);
+    assert.equal(await verifyChecksum({}, TEXT, ""), null);
+  });
+});

@@ -1,0 +1,191 @@
+"""relay_stream's outcomes: upstream error, takeover offsets, cancellation, checkpoint failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from devstack.jwt import api_key
+from devstack.realtime import RealtimeServer, Timings
+from tests.integration.relay_harness import Subscriber, relay_settings, token_source, words
+from worker.errors import QueueError, UpstreamError
+from worker.relay.publisher import Publisher
+from worker.relay.reassembly import StreamReassembly
+from worker.relay.stream import Snapshot, relay_stream
+from worker.relay.wire import TokenMessage
+from worker.upstream.events import Token, UpstreamEvent
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
+]
+TIME_SCALE = 0.01
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RealtimeServer]:
+    srv = RealtimeServer(time_scale=TIME_SCALE, timings=Timings(idle_timeout_s=60 / TIME_SCALE))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+@pytest.fixture
+async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
+    sub = Subscriber(server, api_key("anon"))
+    try:
+        yield sub
+    finally:
+        await sub.close()
+
+
+async def failing_source(n: int) -> AsyncIterator[UpstreamEvent]:
+    for i in range(n):
+        yield Token("content", f"x{i} ")
+    raise UpstreamError("provider went away", type="connection_lost", provider="openai")
+
+
+async def test_upstream_error_is_published_and_returned(
+    server: RealtimeServer, subscriber: Subscriber
+) -> None:
+    topic, stream = "llm-token:e1", "e-1"
+    await subscriber.join(topic)
+    settings = relay_settings(server)
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        result = await relay_stream(
+            failing_source(45), publisher=pub, topic=topic, stream_id=stream, settings=settings
+        )
+
+        def errored() -> bool:
+            st = subscriber.topics[topic].streams.get(stream)
+            return st is not None and st.error is not None and st.next_offset == 45
+
+        await subscriber.wait_until(errored, 10)
+    assert isinstance(result.error, UpstreamError) and result.error.type == "connection_lost"
+    state = subscriber.stream(topic, stream)
+    assert state.error is not None
+    assert (state.error.type, state.error.retryable, state.error.tokens_relayed) == (
+        "connection_lost",
+        True,
+        45,
+    )
+    assert state.text()[0] == "".join(f"x{i} " for i in range(45))
+    assert state.done is None
+
+
+async def test_takeover_continues_offsets_and_checksums_cover_the_whole_text(
+    server: RealtimeServer, subscriber: Subscriber
+) -> None:
+    topic, stream = "llm-token:e2", "e-2"
+    await subscriber.join(topic)
+    settings = relay_settings(server)
+    first, second = words(30, prefix="a"), words(50, prefix="b")
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        snaps: list[Snapshot] = []
+
+        async def keep(s: Snapshot) -> None:
+            snaps.append(s)
+
+        # The first worker relays 30 tokens and "crashes" (its iterator just stops).
+        await relay_stream(
+            token_source(first, finish=False),
+            publisher=pub,
+            topic="llm-token:e2-old",
+            stream_id=stream,
+            settings=settings,
+            on_checkpoint=keep,
+        )
+        snap = snaps[-1]
+        assert (snap.next_offset, snap.content) == (30, "".join(first))
+        # The new worker continues from the snapshot.
+        result = await relay_stream(
+            token_source(second),
+            publisher=pub,
+            topic=topic,
+            stream_id=stream,
+            settings=settings,
+            start_offset=snap.next_offset,
+            start_seq=snap.next_seq,
+            start_content=snap.content,
+        )
+
+        # This subscriber never saw offsets 0..29 (another topic): it holds 30..79.
+        def held_all() -> bool:
+            st = subscriber.topics[topic].streams.get(stream)
+            return st is not None and st.done is not None and _held_tokens(st) == 50
+
+        await subscriber.wait_until(held_all, 10)
+        state = subscriber.stream(topic, stream)
+    assert result.content == "".join(first + second) and result.next_offset == 80
+    assert state.next_offset == 0 and not state.complete
+    assert state.done is not None and state.done.total_tokens == 80
+    # A late subscriber starts from the snapshot and applies the live messages.
+    late = StreamReassembly(stream, next_offset=snap.next_offset, content=snap.content)
+    for seq_msgs in _token_messages(subscriber, topic, stream):
+        late.apply(seq_msgs)
+    late.apply(state.done)
+    assert late.complete and late.checksums_match()
+    assert late.text() == ("".join(first + second), "")
+
+
+def _held_tokens(state: StreamReassembly) -> int:
+    return sum(len(m.tokens) for msgs in state._held.values() for m in msgs)
+
+
+def _token_messages(sub: Subscriber, topic: str, stream: str) -> list[TokenMessage]:
+    # What the subscriber held (offset 30 onwards, waiting for 0..29): replay it.
+    held = sub.stream(topic, stream)._held
+    return [m for off in sorted(held) for m in held[off]]
+
+
+async def test_cancellation_stops_the_relay(server: RealtimeServer) -> None:
+    settings = relay_settings(server)
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[UpstreamEvent]:
+        try:
+            i = 0
+            while True:
+                yield Token("content", f"{i} ")
+                i += 1
+                await asyncio.sleep(0.001)
+        finally:
+            closed.set()
+
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        task = asyncio.create_task(
+            relay_stream(
+                endless(), publisher=pub, topic="llm-token:c", stream_id="c", settings=settings
+            )
+        )
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(closed.wait(), 5)
+        assert not pub._streams  # the stream no longer counts for the fair share
+
+
+async def test_checkpoint_failure_propagates(server: RealtimeServer) -> None:
+    settings = relay_settings(server, relay_checkpoint_interval_s=0.05)
+
+    async def lost_lease(_: Snapshot) -> None:
+        raise QueueError("lease lost", job_id="j1")
+
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        with pytest.raises(QueueError):
+            await asyncio.wait_for(
+                relay_stream(
+                    token_source(words(2000), per_token_s=0.001),
+                    publisher=pub,
+                    topic="llm-token:q",
+                    stream_id="q",
+                    settings=settings,
+                    on_checkpoint=lost_lease,
+                ),
+                20,
+            )
