@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+import worker.relay.metrics  # noqa: F401 - registers the relay's metrics
 from worker.service.http import HealthServer
 from worker.service.metrics import Metrics
 
@@ -38,6 +39,7 @@ async def test_probes_and_metrics() -> None:
         ready=lambda: state["ready"],
         host="127.0.0.1",
         port=0,
+        with_default_registry=True,
     )
     port = await server.start()
     serving = asyncio.create_task(server.serve())
@@ -58,6 +60,7 @@ async def test_probes_and_metrics() -> None:
         text = body.decode()
         assert "llm_relay_requests_claimed_total 3.0" in text
         assert 'llm_relay_requests_finished_total{outcome="done"} 1.0' in text
+        assert "relay_messages_total" in text  # the relay's metrics (default registry)
 
         status, headers, body = await http(port, get("/metrics", "HEAD"))
         assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0

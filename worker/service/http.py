@@ -32,8 +32,10 @@ class HealthServer:
         ready: Callable[[], bool],
         host: str = "0.0.0.0",
         port: int = 0,
+        with_default_registry: bool = False,
     ) -> None:
         self._metrics = metrics
+        self._with_default = with_default_registry
         self._live = live
         self._ready = ready
         self._host = host
@@ -105,5 +107,6 @@ class HealthServer:
             ok = self._ready()
             return (200 if ok else 503), "text/plain", b"ready\n" if ok else b"not ready\n"
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, self._metrics.render()
+            body = self._metrics.render(with_default_registry=self._with_default)
+            return 200, CONTENT_TYPE_LATEST, body
         return 404, "text/plain", b"not found\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -43,5 +43,10 @@ class Metrics:
         )
         self.ready = Gauge("llm_relay_ready", "1 while the worker claims requests.", registry=r)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, *, with_default_registry: bool = False) -> bytes:
+        """The exposition text; with the default registry too (the relay and the
+        upstream client register there), as one worker process serves it."""
+        text = generate_latest(self.registry)
+        if with_default_registry and self.registry is not REGISTRY:
+            text += generate_latest(REGISTRY)
+        return text

@@ -143,6 +143,7 @@ async def _serve(settings: Settings, repository: PostgresJobRepository, runner: 
             ready=lambda: worker is not None and worker.ready,
             host=settings.relay_http_host,
             port=settings.relay_http_port,
+            with_default_registry=True,
         )
         await server.start()
         side_tasks.append(("http", server.serve))
