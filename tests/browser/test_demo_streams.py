@@ -33,7 +33,7 @@ from worker.upstream.events import GenerationRequest
 
 from .conftest import Browser, Stack
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.browser
 
 UPSTREAM_KEY = "sk-browser-tests"
 # Multi-byte on purpose: accents, CJK, emoji (incl. ZWJ sequences and flags),
