@@ -163,6 +163,28 @@ async def test_subscriber_present_from_the_start(browser: Browser, stack: Stack)
     assert shown["stats"]["duplicateTokens"] == 0
 
 
+async def test_subscriber_arriving_after_the_end(browser: Browser, stack: Stack) -> None:
+    """The replay link `llm-relay demo --prompt` prints: the row alone gives the text."""
+    alice = str(uuid.uuid4())
+    session, request = new_request(stack.database_url, alice)
+    async with upstream(tokens_per_second=0) as up:
+        await relay(stack, up, session, request)
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as conn:
+        await conn.execute(
+            "UPDATE public.llm_requests SET finish_reason = 'stop' WHERE id = %s", (request,)
+        )
+    page = await open_demo(
+        browser, stack, "after", token=user_token(alice), session=session, stream=request
+    )
+    sel = f'[data-stream="{request}"]'
+    await page.wait_for_function(
+        "sel => document.querySelector(sel)?.dataset.state === 'complete'", arg=sel
+    )
+    assert await page.text_content(f"{sel} .answer") == TEXT
+    assert await page.text_content(f"{sel} .reasoning") == REASONING
+    assert "stop" in (await page.text_content(f"{sel} .state") or "")
+
+
 async def test_subscriber_joining_mid_stream(browser: Browser, stack: Stack) -> None:
     alice = str(uuid.uuid4())
     session, request = new_request(stack.database_url, alice)
