@@ -22,6 +22,8 @@ export interface SnapshotSource {
   /** default "next_offset" (per kind: "content_next_offset", "reasoning_next_offset") */
   nextOffsetColumn?: string;
   statusColumn?: string;
+  /** read with the snapshot for streams that ended while away (default "finish_reason"; "" to skip) */
+  finishReasonColumn?: string;
 }
 
 export type UpdateEvent =

@@ -31,6 +31,7 @@ const DEFAULT_SNAPSHOT = Object.freeze({
   reasoningColumn: "reasoning",
   nextOffsetColumn: "next_offset",
   statusColumn: "status",
+  finishReasonColumn: "finish_reason",
 });
 
 /** Row statuses that mean the stream ended; its row then holds the final text. */
@@ -220,7 +221,13 @@ class Subscription {
     }
     r.inFlight = true;
     const s = this.snapshot;
-    const cols = [s.contentColumn, s.reasoningColumn, s.nextOffsetColumn, s.statusColumn];
+    const cols = [
+      s.contentColumn,
+      s.reasoningColumn,
+      s.nextOffsetColumn,
+      s.statusColumn,
+      s.finishReasonColumn,
+    ];
     let result;
     try {
       result = await this.supabase
@@ -270,7 +277,13 @@ class Subscription {
     const status = stream.rowStatus;
     const s = this.snapshot;
     if (DONE_STATUSES.includes(status)) {
-      stream.pushDone({ stream: stream.stream, status, next_offset: row[s.nextOffsetColumn], from_snapshot: true });
+      stream.pushDone({
+        stream: stream.stream,
+        status,
+        finish_reason: s.finishReasonColumn ? (row[s.finishReasonColumn] ?? null) : null,
+        next_offset: row[s.nextOffsetColumn],
+        from_snapshot: true,
+      });
     } else if (FAILED_STATUSES.includes(status)) {
       stream.pushError({ stream: stream.stream, type: status, retryable: false, from_snapshot: true });
     }

@@ -97,7 +97,8 @@ async def stack(database_url: str) -> AsyncIterator[Stack]:
     AuthStandIn(database_url).add_routes(app)
     app.router.add_static("/__tests__/", PAGES_DIR)
     app.router.add_static("/", FRONTEND_DIR)
-    runner = web.AppRunner(app, access_log=None)
+    # Short shutdown: a page's idle keep-alive connections must not hold the teardown.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -155,8 +156,9 @@ async def _browser(executable: str, root: Path) -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def browser(
-    chromium_executable: str, tmp_path: Path, request: pytest.FixtureRequest
+    chromium_executable: str, stack: Stack, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Browser]:
+    # Depends on `stack` so that the pages close before the servers stop.
     async with _browser(chromium_executable, tmp_path) as b:
         yield b
         rep = getattr(request.node, "rep_call", None)

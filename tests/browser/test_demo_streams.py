@@ -33,7 +33,7 @@ from worker.upstream.events import GenerationRequest
 
 from .conftest import Browser, Stack
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.browser
 
 UPSTREAM_KEY = "sk-browser-tests"
 # Multi-byte on purpose: accents, CJK, emoji (incl. ZWJ sequences and flags),
@@ -163,6 +163,28 @@ async def test_subscriber_present_from_the_start(browser: Browser, stack: Stack)
     assert shown["stats"]["duplicateTokens"] == 0
 
 
+async def test_subscriber_arriving_after_the_end(browser: Browser, stack: Stack) -> None:
+    """The replay link `llm-relay demo --prompt` prints: the row alone gives the text."""
+    alice = str(uuid.uuid4())
+    session, request = new_request(stack.database_url, alice)
+    async with upstream(tokens_per_second=0) as up:
+        await relay(stack, up, session, request)
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as conn:
+        await conn.execute(
+            "UPDATE public.llm_requests SET finish_reason = 'stop' WHERE id = %s", (request,)
+        )
+    page = await open_demo(
+        browser, stack, "after", token=user_token(alice), session=session, stream=request
+    )
+    sel = f'[data-stream="{request}"]'
+    await page.wait_for_function(
+        "sel => document.querySelector(sel)?.dataset.state === 'complete'", arg=sel
+    )
+    assert await page.text_content(f"{sel} .answer") == TEXT
+    assert await page.text_content(f"{sel} .reasoning") == REASONING
+    assert "stop" in (await page.text_content(f"{sel} .state") or "")
+
+
 async def test_subscriber_joining_mid_stream(browser: Browser, stack: Stack) -> None:
     alice = str(uuid.uuid4())
     session, request = new_request(stack.database_url, alice)
@@ -216,6 +238,41 @@ async def test_subscriber_whose_websocket_is_cut(browser: Browser, stack: Stack)
     assert shown["joins"] >= 2  # supabase-js reconnected and rejoined the same channel
     assert shown["resubscribes"] == 0
     assert shown["stats"]["snapshotTokens"] > 0  # what it missed came from the row
+
+
+async def test_subscriber_whose_channel_is_shut_down_for_the_message_rate(
+    browser: Browser, stack: Stack
+) -> None:
+    """ "Too many messages per second" + phx_close: supabase-js drops the channel for
+    good; the helper joins a fresh one and catches up from the row."""
+    alice = str(uuid.uuid4())
+    session, request = new_request(stack.database_url, alice)
+    page = await open_demo(
+        browser, stack, "ratelimit", token=user_token(alice), session=session, stream=request
+    )
+    await wait_subscribed(page)
+    async with upstream(tokens_per_second=80) as up:
+        task = asyncio.create_task(relay(stack, up, session, request))
+        try:
+            await page.wait_for_function(
+                "id => (window.demo.page.views.get(id)?.nextOffset ?? 0) >= 30", arg=request
+            )
+            stack.realtime.faults.exceed_message_rate()
+            await page.wait_for_function(
+                "() => window.demo.channelStates.some(s => s.state === 'CLOSED')"
+            )
+            # Let the inflated bucket leave the 60 s window (12 ticks of 5 s).
+            for _ in range(12):
+                stack.realtime.tick()
+            result = await asyncio.wait_for(task, timeout=40)
+        finally:
+            task.cancel()
+    assert result.error is None
+    shown = await wait_complete(page, request)
+    assert shown["answer"] == TEXT
+    assert shown["reasoning"] == REASONING
+    assert shown["verified"] is True
+    assert shown["resubscribes"] >= 1
 
 
 async def test_retried_sends_leave_gaps_and_duplicates_the_page_absorbs(

@@ -17,7 +17,7 @@ from devstack.jwt import user_token
 
 from .conftest import Browser, Stack
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.browser
 
 TEXT = "héllo Zürich — 東京 🚀👩‍👩‍👧"
 

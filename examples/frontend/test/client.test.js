@@ -107,7 +107,9 @@ describe("subscribeToSession", () => {
 
   it("after a rejoin it reads the snapshot and learns the end from the row status", async () => {
     const sb = new FakeSupabase({
-      r1: [{ content: "hello wörld", reasoning: "hm", next_offset: 4, status: "done" }],
+      r1: [
+        { content: "hello wörld", reasoning: "hm", next_offset: 4, status: "done", finish_reason: "stop" },
+      ],
     });
     const sub = subscribeToSession(sb, { session: "s", checkpointIntervalMs: 5 });
     sb.ch.state("SUBSCRIBED");
@@ -118,6 +120,8 @@ describe("subscribeToSession", () => {
     await until(() => sub.view("r1").complete);
     assert.equal(sub.view("r1").content, "hello wörld");
     assert.equal(sub.view("r1").reasoning, "hm");
+    assert.equal(sub.view("r1").done.finish_reason, "stop");
+    assert.equal(sb.reads[0].cols, "content,reasoning,next_offset,status,finish_reason");
     assert.equal(sub.joins, 2);
     await sub.unsubscribe();
   });
