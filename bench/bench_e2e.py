@@ -32,7 +32,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_KEY, Stack, long_text, machine, median, percentile, stack
+from bench.common import (
+    BENCH_KEY,
+    Stack,
+    cpu_seconds,
+    long_text,
+    machine,
+    median,
+    percentile,
+    stack,
+)
 
 CHANNELS_PER_CLIENT = 50
 PUBLIC: Any = {"config": {"private": False}}
@@ -172,6 +181,7 @@ async def _subscriber(args: argparse.Namespace) -> dict[str, Any]:
             await client.close()
     exact = sum(1 for s in states.values() if s.complete and s.checksums_match())
     return {
+        "cpu_s": time.process_time(),
         "exact": exact,
         "messages": messages,
         "received": {k: {str(o): t for o, t in v.items()} for k, v in received.items()},
@@ -193,6 +203,7 @@ def _role_cmd(role: str, s: Stack, args: argparse.Namespace, streams: int, out: 
 def run_level(s: Stack, args: argparse.Namespace, streams: int, tmp: Path) -> dict[str, Any]:
     sub_out, worker_out = tmp / f"sub-{streams}.json", tmp / f"worker-{streams}.json"
     timeout = args.seconds * 6 + 900
+    stack_cpu0 = {name: cpu_seconds(pid) for name, pid in s.pids.items()}
     sub = subprocess.Popen(
         _role_cmd("subscriber", s, args, streams, sub_out), stdout=subprocess.PIPE, text=True
     )
@@ -208,6 +219,7 @@ def run_level(s: Stack, args: argparse.Namespace, streams: int, tmp: Path) -> di
         if sub.poll() is None:
             sub.kill()
             sub.wait()
+    stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in s.pids.items()}
     w = json.loads(worker_out.read_text())
     r = json.loads(sub_out.read_text())
     latencies: list[float] = []
@@ -243,6 +255,12 @@ def run_level(s: Stack, args: argparse.Namespace, streams: int, tmp: Path) -> di
             (w["rss_peak_kb"] - w["rss_before_kb"]) / streams, 1
         ),
         "wall_s": round(w["wall_s"], 1),
+        # CPU seconds of each process over the level (who saturates first)
+        "cpu_s": {
+            "worker": round(w["cpu_s"], 1),
+            "subscriber": round(r["cpu_s"], 1),
+            **{name: round(v, 1) for name, v in stack_cpu.items()},
+        },
     }
 
 

@@ -38,6 +38,13 @@ class Stack:
     realtime_url: str  # SUPABASE_URL form
     service_key: str
     anon_key: str
+    pids: dict[str, int]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float) -> re.Match[str]:
@@ -81,7 +88,8 @@ def stack(text: str, *, tokens_per_second: float = 0.0) -> Iterator[Stack]:
         )
         procs.append(rt)
         realtime_url = _read_until(rt, r"SUPABASE_URL=(\S+)", 30).group(1)
-        yield Stack(upstream_url, realtime_url, api_key("service_role"), api_key("anon"))
+        pids = {"upstream": up.pid, "realtime": rt.pid}
+        yield Stack(upstream_url, realtime_url, api_key("service_role"), api_key("anon"), pids)
     finally:
         for proc in procs:
             proc.terminate()
@@ -104,7 +112,11 @@ def machine() -> dict[str, object]:
     for name in ("realtime", "websockets", "httpx", "orjson", "openai", "aiohttp"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     return {
+        "commit": commit,
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
         "cpu": cpu,
