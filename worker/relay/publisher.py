@@ -82,6 +82,8 @@ RATE_LIMIT_JOIN_CODES = (
 # Failures of the path, not of the message (see `_Lane._failed`).
 PATH_FAILURES = frozenset({"disconnected", "channel_closed", "channel_error"})
 
+BUDGET_WAIT_MERGE_S = 0.005  # a budget wait longer than this lets the lane merge batches
+
 Route = Literal["ws", "rest", "hold"]
 log = logger.bind(event="relay.publisher")
 
@@ -251,19 +253,34 @@ class _Lane:
     # --- the loop ---
 
     async def run(self) -> None:
+        held_since: float | None = None
         while True:
             item = await self._wait_ready()
             route = self.pub._route(self.topic)
             if route == "hold":
+                held_since = held_since or time.monotonic()
                 await self._sleep(SUPERVISE_TICK_S)
                 continue
-            await self.pub.budget.acquire()
+            waited = await self.pub.budget.acquire()
             route = self.pub._route(self.topic)
             if route == "hold":
                 continue
+            now = time.monotonic()
+            # Merge queued batches only when sending was really blocked (budget, outage,
+            # REST); a join taking a few ms must not change the batches' shape.
+            blocked = (
+                waited > BUDGET_WAIT_MERGE_S
+                or route == "rest"
+                or (
+                    held_since is not None
+                    and now - held_since >= self.pub.settings.relay_ack_timeout_s
+                )
+            )
+            held_since = None
             # While we waited, an earlier message may have become ready again.
-            item = self._ready(time.monotonic()) or item
-            item = self._coalesce(item)
+            item = self._ready(now) or item
+            if blocked:
+                item = self._coalesce(item)
             self.pending.remove(item)
             if route == "ws":
                 await self._send_ws(item)
