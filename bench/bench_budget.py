@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from devstack.jwt import api_key
 from devstack.realtime import RealtimeLimits, RealtimeServer
@@ -60,6 +61,7 @@ class LoadReport:
     rate_limit_shutdowns: int
     budget_waits: int
     window_p99_s: list[float]  # p99 latency of the tokens produced in each 10 s window
+    window_max_lag_s: list[float]  # worst event-loop lag (CPU starvation) in each window
 
     @property
     def messages_per_s(self) -> float:
@@ -136,6 +138,8 @@ async def run_load(
     topics = [f"llm-token:load-{i}" for i in range(streams)]
     results: list[RelayResult | BaseException] = []
     start = time.monotonic()
+    lags: dict[int, float] = {}
+    lag_task = asyncio.create_task(_watch_lag(lags, lambda: start))
     try:
         for topic in topics:
             await subscriber.join(topic)
@@ -168,6 +172,7 @@ async def run_load(
             sent = server.stats.client_broadcasts + server.stats.rest_messages
             deliveries = server.stats.deliveries
     finally:
+        lag_task.cancel()
         await subscriber.close()
         tenant = server.tenant()
         triggered = tenant.events.times_triggered
@@ -206,7 +211,18 @@ async def run_load(
         rate_limit_shutdowns=stats.rate_limit_shutdowns,
         budget_waits=budget_waits,
         window_p99_s=[_percentile(windows[w], 0.99) for w in sorted(windows)],
+        window_max_lag_s=[lags.get(w, 0.0) for w in sorted(windows)],
     )
+
+
+async def _watch_lag(lags: dict[int, float], start: Callable[[], float]) -> None:
+    """Record how late a 50 ms sleep wakes up: the loop's CPU starvation, per window."""
+    while True:
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)
+        lag = time.monotonic() - t0 - 0.05
+        window = int((t0 - start()) // 10)
+        lags[window] = max(lags.get(window, 0.0), lag)
 
 
 def _complete(sub: Subscriber, topic: str, stream: str, *, exact: bool = False) -> bool:
@@ -215,6 +231,92 @@ def _complete(sub: Subscriber, topic: str, stream: str, *, exact: bool = False) 
     if st is None or not st.complete:
         return False
     return st.checksums_match() if exact else True
+
+
+@dataclass
+class LimiterReport:
+    name: str
+    sends_per_s: float
+    min_share: float  # the least-served stream's sends / the fair share (1.0 = fair)
+    max_share: float
+    p99_wait_s: float
+    cpu_s: float
+
+
+async def compare_limiters(
+    seconds: float = 5.0, rate: float = 40.0, streams: int = 20
+) -> list[LimiterReport]:
+    """asyncio-throttle vs MessageBudget as the lanes use them: one waiter per stream,
+    every stream always has a message ready, `rate` messages/s in all."""
+    return [
+        await _limiter_run("asyncio-throttle", seconds, rate, streams),
+        await _limiter_run("MessageBudget", seconds, rate, streams),
+    ]
+
+
+async def _limiter_run(name: str, seconds: float, rate: float, streams: int) -> LimiterReport:
+    from asyncio_throttle.throttler import Throttler
+
+    from worker.relay.budget import MessageBudget
+
+    acquire: Callable[[], Awaitable[object]]
+    if name == "asyncio-throttle":
+        acquire = cast(Callable[[], Awaitable[object]], Throttler(rate_limit=int(rate)).acquire)
+    else:
+        # cost 1 per message here (no subscribers), so both see the same messages/s
+        acquire = MessageBudget(rate / 0.8, utilization=0.8, expected_subscribers=0).acquire
+    counts = [0] * streams
+    waits: list[float] = []
+    stop = time.monotonic() + seconds
+
+    async def sender(i: int) -> None:
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            await acquire()
+            if time.monotonic() >= stop:
+                return
+            counts[i] += 1
+            waits.append(time.monotonic() - t0)
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(sender(i) for i in range(streams)))
+    total = sum(counts)
+    fair = total / streams
+    return LimiterReport(
+        name=name,
+        sends_per_s=total / seconds,
+        min_share=min(counts) / fair if fair else 0.0,
+        max_share=max(counts) / fair if fair else 0.0,
+        p99_wait_s=_percentile(waits, 0.99),
+        cpu_s=time.process_time() - cpu0,
+    )
+
+
+def _limiter_markdown(reports: list[LimiterReport]) -> list[str]:
+    rows = [
+        "## Why not asyncio-throttle",
+        "",
+        "`python -m bench.bench_budget --limiters`: 20 streams, one waiter each (as the "
+        "publisher's lanes), always a message ready, 40 messages/s for 5 s. Share = a "
+        "stream's sends / the fair share (1.0 = fair).",
+        "",
+        "| limiter | sends/s | least-served stream | most-served stream | p99 wait | CPU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        rows.append(
+            f"| {r.name} | {r.sends_per_s:.1f} | {r.min_share:.2f} | {r.max_share:.2f} "
+            f"| {r.p99_wait_s * 1000:.0f} ms | {r.cpu_s:.2f} s |"
+        )
+    rows += [
+        "",
+        "asyncio-throttle wakes every waiter every 10 ms to race for a free slot (CPU, "
+        "and no order among waiters); it also counts one per acquire (no fan-out cost). "
+        "MessageBudget grants in FIFO order, weighs each message 1 + subscribers, and "
+        "sleeps exactly until the bucket refills.",
+        "",
+    ]
+    return rows
 
 
 def _markdown(reports: list[LoadReport], args: argparse.Namespace) -> str:
@@ -231,7 +333,11 @@ def _markdown(reports: list[LoadReport], args: argparse.Namespace) -> str:
             f"| {r.undelivered_tokens} | {r.rate_limit_triggered} |"
         )
     windows = [
-        f"- {r.mode}: " + ", ".join(f"{p * 1000:.0f}" for p in r.window_p99_s) + " ms"
+        f"- {r.mode}: p99 "
+        + ", ".join(f"{p * 1000:.0f}" for p in r.window_p99_s)
+        + " ms; worst event-loop lag "
+        + ", ".join(f"{p * 1000:.0f}" for p in r.window_max_lag_s)
+        + " ms"
         for r in reports
     ]
     return "\n".join(
@@ -248,7 +354,8 @@ def _markdown(reports: list[LoadReport], args: argparse.Namespace) -> str:
             "",
             *rows,
             "",
-            "p99 latency of the tokens produced in each 10 s window:",
+            "Per 10 s window: p99 latency of the tokens produced in it, and the worst lag of "
+            "the event loop (a 50 ms sleep waking late = CPU starvation of the process):",
             "",
             *windows,
             "",
@@ -269,7 +376,18 @@ async def _main(args: argparse.Namespace) -> list[LoadReport]:
         )
         print(report.line(), flush=True)
         print("  p99 per 10 s window (ms):", [round(p * 1000) for p in report.window_p99_s])
+        print("  max loop lag per window (ms):", [round(p * 1000) for p in report.window_max_lag_s])
         reports.append(report)
+    return reports
+
+
+async def _main_limiters() -> list[LimiterReport]:
+    reports = await compare_limiters()
+    for r in reports:
+        print(
+            f"{r.name}: {r.sends_per_s:.1f} sends/s, shares {r.min_share:.2f}..{r.max_share:.2f}"
+            f" of fair, p99 wait {r.p99_wait_s * 1000:.0f} ms, cpu {r.cpu_s:.2f} s"
+        )
     return reports
 
 
@@ -282,7 +400,19 @@ if __name__ == "__main__":
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--out", default="bench/RESULTS-budget.md")
     parser.add_argument("--modes", default="adaptive,fixed", help="adaptive,fixed")
+    parser.add_argument(
+        "--limiters", action="store_true", help="only compare asyncio-throttle and MessageBudget"
+    )
     arguments = parser.parse_args()
-    done = asyncio.run(_main(arguments))
-    if arguments.out:
-        Path(arguments.out).write_text(_markdown(done, arguments))
+    if arguments.limiters:
+        limiters = asyncio.run(_main_limiters())
+        if arguments.out:
+            path = Path(arguments.out)
+            text = path.read_text() if path.exists() else ""
+            marker = "## Why not asyncio-throttle"
+            text = text.split(marker, 1)[0].rstrip() + "\n\n"
+            path.write_text(text + "\n".join(_limiter_markdown(limiters)))
+    else:
+        done = asyncio.run(_main(arguments))
+        if arguments.out:
+            Path(arguments.out).write_text(_markdown(done, arguments))

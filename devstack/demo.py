@@ -1,28 +1,42 @@
 """`llm-relay demo`: the whole path on this machine, visible.
 
-Starts the local stack (embedded Postgres, the Realtime stand-in, the simulated
-upstream — or a real provider when its key is in the environment), subscribes an
-independent realtime-py watcher to the session's topic, relays one generation, and
-prints the text as the *watcher* receives it, then a summary. Without `--once` it
-keeps the stack up for the demo page until Ctrl-C.
+Starts the local stack (embedded Postgres, the Realtime / PostgREST / Auth stand-ins
+behind one gateway, the demo page, the simulated upstream — or a real provider when
+its key is in the environment) and a worker process (`llm-relay run`). Then, as a
+frontend would: a user creates a session, subscribes to its private topic (RLS
+decides), and inserts a request; the worker claims it and relays the tokens. The
+terminal prints the text *as that subscriber reassembled it*, then a summary, and
+checks it against the transcript the worker stored. Without `--once` everything
+stays up for the demo page (each prompt typed there goes through the same path)
+until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 
+import httpx
+
+from devstack import jwt
 from devstack.cli import add_stack_arguments, stack_options, wait_for_stop_signal
 from devstack.stack import DevStack
 from worker.cli import Command
 from worker.config import Settings
+from worker.errors import ConfigError
+from worker.jobs.models import JobRecord, NewRequest
+from worker.jobs.postgres import PostgresJobRepository
 from worker.logs import configure_logging
-from worker.relay.once import relay_once
-from worker.relay.stream import RelayResult
 from worker.relay.watch import Watcher
+from worker.service.submit import wait_for_end
 
 DEFAULT_PROMPT = "How do tokens travel from an LLM to a browser?"
 # What the simulated upstream answers (a real provider answers the prompt instead).
@@ -48,25 +62,25 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 @dataclass
 class Upstream:
-    """Which provider the demo streams from, and how it says so."""
+    """Which provider the demo's worker streams from, and how it says so."""
 
     label: str
-    overrides: dict[str, object]
+    env: dict[str, str]
 
 
 def choose_upstream(settings: Settings, stack: DevStack) -> Upstream:
     """A real provider when its key is configured, else the simulated one."""
     if settings.groq_api_key is not None:
-        return Upstream(f"Groq at {settings.groq_base_url}", {"relay_provider": "groq"})
+        return Upstream(f"Groq at {settings.groq_base_url}", {"RELAY_PROVIDER": "groq"})
     if settings.openai_api_key is not None and "127.0.0.1" not in settings.openai_base_url:
-        return Upstream(f"OpenAI at {settings.openai_base_url}", {"relay_provider": "openai"})
+        return Upstream(f"OpenAI at {settings.openai_base_url}", {"RELAY_PROVIDER": "openai"})
     env = stack.env()
     return Upstream(
         f"simulated OpenAI at {env['OPENAI_BASE_URL']}",
         {
-            "relay_provider": "openai",
-            "openai_base_url": env["OPENAI_BASE_URL"],
-            "openai_api_key": env["OPENAI_API_KEY"],
+            "RELAY_PROVIDER": "openai",
+            "OPENAI_BASE_URL": env["OPENAI_BASE_URL"],
+            "OPENAI_API_KEY": env["OPENAI_API_KEY"],
         },
     )
 
@@ -92,43 +106,54 @@ class LiveText:
         sys.stdout.flush()
 
 
+@dataclass
+class Outcome:
+    exact: bool
+    stored_equal: bool
+    status: str
+
+
 def print_summary(
-    result: RelayResult, watcher: Watcher, started: float, live: LiveText, elapsed_s: float
-) -> bool:
+    watcher: Watcher, record: JobRecord | None, started: float, live: LiveText
+) -> Outcome:
     state = next(iter(watcher.reassembly.streams.values()), None)
     exact = state is not None and state.checksums_match()
-    tokens = result.content_tokens + result.reasoning_tokens
+    content, reasoning = state.text() if state else ("", "")
+    stored = record is not None and (record.snapshot.content, record.snapshot.reasoning) == (
+        content,
+        reasoning,
+    )
+    tokens = state.next_offset if state else 0
+    messages = max(watcher.received, 1)
     first = (live.first_token_at - started) * 1000 if live.first_token_at else float("nan")
     rows = [
-        ("tokens relayed", f"{tokens} ({result.reasoning_tokens} reasoning)"),
-        ("messages", f"{result.messages} ({tokens / max(result.messages, 1):.1f} tokens each)"),
-        ("batches", str(result.batches)),
-        ("time", f"{elapsed_s:.2f} s, first token at the watcher after {first:.0f} ms"),
+        ("tokens", f"{tokens}"),
+        ("messages received", f"{watcher.received} ({tokens / messages:.1f} tokens each)"),
+        ("time", f"{time.monotonic() - started:.2f} s; first token on screen after {first:.0f} ms"),
         (
-            "retries / fallbacks / REST",
-            f"{result.retries} / {result.fallbacks} / {result.rest_messages}",
-        ),
-        (
-            "watcher",
-            f"{watcher.received} messages, duplicates dropped "
-            f"{state.duplicate_tokens if state else 0}, gaps {state.gaps if state else 0}",
+            "duplicates dropped / gaps",
+            f"{state.duplicate_tokens if state else 0} / {state.gaps if state else 0}",
         ),
         ("exact (llm-done checksum)", "yes" if exact else "NO"),
+        ("stored transcript = screen", "yes" if stored else "NO"),
+        ("request status", record.status if record else "not visible"),
     ]
-    if result.error is not None:
-        rows.append(("error", f"{type(result.error).__name__}: {result.error.message}"))
+    if state is not None and state.error is not None:
+        rows.append(("error", f"{state.error.type}: {state.error.message}"))
     print("\n")
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    return exact and result.error is None
+    return Outcome(exact, stored, record.status if record else "missing")
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stack_arguments(parser)
     parser.set_defaults(text=DEMO_TEXT, reasoning_text=DEMO_REASONING)
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the one prompt to run")
-    parser.add_argument("--once", action="store_true", help="exit after the generation")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt run at start")
+    parser.add_argument("--no-prompt", action="store_true", help="only serve the page")
+    parser.add_argument("--once", action="store_true", help="exit after the prompt")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the prompt")
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -136,55 +161,111 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         # Keep the terminal for the streamed text; `--log-level INFO` shows the logs.
         configure_logging("WARNING", json=settings.relay_log_json)
     stack = DevStack(stack_options(args))
-    print("Starting the local stack (Postgres, Realtime, upstream)...", flush=True)
+    print("Starting the local stack (Postgres, Realtime, PostgREST, upstream)...", flush=True)
     await stack.start()
     try:
-        return await _demo(args, settings, stack)
+        return await _with_worker(args, settings, stack)
     finally:
         await stack.stop()
 
 
-async def _demo(args: argparse.Namespace, settings: Settings, stack: DevStack) -> int:
-    env = stack.env()
+async def _with_worker(args: argparse.Namespace, settings: Settings, stack: DevStack) -> int:
     upstream = choose_upstream(settings, stack)
-    # Init arguments outrank the environment: the demo's stack wins over `.env`.
-    demo_settings = Settings(
-        **{
-            **settings.model_dump(),
-            "supabase_url": env["SUPABASE_URL"],
-            "supabase_service_role_key": env["SUPABASE_SERVICE_ROLE_KEY"],
-            **upstream.overrides,
-        }
-    )
-    session = f"demo-{uuid.uuid4().hex[:8]}"
-    live = LiveText(sys.stdout.isatty())
-    watcher = Watcher(
-        realtime_url=demo_settings.realtime_url,
-        token=env["SUPABASE_SERVICE_ROLE_KEY"],
-        topic=demo_settings.topic_for(session),
-        private=demo_settings.relay_private_channels,
-        on_text=live,
-    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_HTTP")},
+        **stack.env(),
+        **upstream.env,
+        "RELAY_HTTP_HOST": "127.0.0.1",
+        "RELAY_HTTP_PORT": str(health_port := _free_port()),
+        "RELAY_LOG_LEVEL": args.log_level or "WARNING",
+    }
+    worker = await asyncio.create_subprocess_exec(sys.executable, "-m", "worker", "run", env=env)
     print(f"Upstream: {upstream.label}")
-    print(f"Realtime: {demo_settings.realtime_url}  topic {watcher.topic}")
-    print(f"Prompt:   {args.prompt}\n")
-    await watcher.start()
+    print(f"Worker:   llm-relay run (pid {worker.pid}, http://127.0.0.1:{health_port}/metrics)")
+    print(f"Page:     {stack.demo_page_url}")
     try:
-        started = time.monotonic()
-        _, result = await relay_once(demo_settings, session_id=session, prompt=args.prompt)
-        await watcher.wait_finished(timeout_s=30)
-        ok = print_summary(result, watcher, started, live, time.monotonic() - started)
+        await _wait_ready(f"http://127.0.0.1:{health_port}/readyz", worker, timeout_s=60)
+        code = 0
+        if not args.no_prompt:
+            code = await _one_prompt(args, settings, stack)
+        if not args.once:
+            print(f"\nThe demo page is up: {stack.demo_page_url}  (Ctrl-C stops)", flush=True)
+            await wait_for_stop_signal()
+        return code
     finally:
-        await watcher.close()
-    if not args.once:
-        print(f"\nThe stack stays up: {stack.api_url}  (Ctrl-C stops)")
-        await wait_for_stop_signal()
-    return 0 if ok else 1
+        await _stop_worker(worker, settings.relay_grace_period_s)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_ready(url: str, worker: asyncio.subprocess.Process, *, timeout_s: float) -> None:
+    """Poll the worker's /readyz, so that timings start when it can serve."""
+    async with httpx.AsyncClient(timeout=2.0) as http, asyncio.timeout(timeout_s):
+        while True:
+            if worker.returncode is not None:
+                raise ConfigError(f"the worker exited with status {worker.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+
+
+async def _stop_worker(worker: asyncio.subprocess.Process, grace_s: float) -> None:
+    if worker.returncode is None:
+        worker.send_signal(signal.SIGTERM)  # drains: finish or checkpoint and release
+        try:
+            await asyncio.wait_for(worker.wait(), grace_s + 5)
+        except TimeoutError:
+            worker.kill()
+            await worker.wait()
+
+
+async def _one_prompt(args: argparse.Namespace, settings: Settings, stack: DevStack) -> int:
+    assert stack.database_url is not None
+    repository = PostgresJobRepository.from_url(stack.database_url, pool_size=2)
+    user_id = str(uuid.uuid4())
+    token = jwt.user_token(user_id, stack.options.jwt_secret)
+    try:
+        # A frontend subscribes before it asks, so the first token cannot be missed.
+        session = await repository.create_session_as(user_id)
+        live = LiveText(sys.stdout.isatty())
+        watcher = Watcher(
+            realtime_url=f"{stack.api_url}/realtime/v1",
+            token=token,
+            topic=settings.topic_for(session),
+            private=True,
+            on_text=live,
+        )
+        print(f"Session:  {session} (private topic {watcher.topic}, joined as its owner)")
+        print(f"Prompt:   {args.prompt}\n", flush=True)
+        await watcher.start()
+        try:
+            started = time.monotonic()
+            request = NewRequest(
+                messages=[{"role": "user", "content": args.prompt}], session_id=session
+            )
+            submitted = await repository.submit_as(user_id, request)
+            await watcher.wait_finished(timeout_s=args.timeout)
+            record = await wait_for_end(repository, user_id, submitted.id, args.timeout)
+            outcome = print_summary(watcher, record, started, live)
+        finally:
+            await watcher.close()
+        print(
+            f"\n  replay it in the page: {stack.demo_page_url}#session={session}"
+            f"&stream={submitted.id}&token={token}"
+        )
+    finally:
+        await repository.close()
+    return 0 if outcome.exact and outcome.stored_equal and outcome.status == "done" else 1
 
 
 COMMAND = Command(
     "demo",
-    "Start the local stack and show one stream arriving at a subscriber",
+    "Start the local stack and a worker; stream one prompt to a subscriber; serve the page",
     _add_arguments,
     _run,
 )

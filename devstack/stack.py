@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from devstack import jwt
+from devstack.auth import AuthStandIn
 from devstack.postgres import REPO_ROOT, EmbeddedPostgres
 from devstack.postgrest import PostgrestServer
 from devstack.realtime import RealtimeLimits, RealtimeServer
@@ -74,6 +75,9 @@ class DevStack:
             PostgrestServer(database_url=self.database_url, jwt_secret=opts.jwt_secret).add_routes(
                 app
             )
+        AuthStandIn(database_url=self.database_url, jwt_secret=opts.jwt_secret).add_routes(app)
+        # Registered before the static route so that it wins over a file of that name.
+        app.router.add_get("/demo/demo-config.json", self._demo_config)
         if FRONTEND_DIR.is_dir():
             app.router.add_static("/demo/", FRONTEND_DIR, show_index=False)
         self._runner = web.AppRunner(app, access_log=None)
@@ -92,6 +96,17 @@ class DevStack:
             upstream_kwargs["text"] = opts.upstream_text
         self.upstream = SimulatedUpstream(**upstream_kwargs)
         await self.upstream.start()
+
+    async def _demo_config(self, request: web.Request) -> web.Response:
+        """What the demo page needs to talk to this stack (it signs in anonymously)."""
+        config: dict[str, Any] = {"url": self.api_url, "anonKey": self.anon_key()}
+        if self.options.limits is not None:
+            config["budget"] = self.options.limits.max_events_per_second
+        return web.json_response(config, headers={"Cache-Control": "no-store"})
+
+    @property
+    def demo_page_url(self) -> str:
+        return f"{self.api_url}/demo/demo.html"
 
     @property
     def api_url(self) -> str:

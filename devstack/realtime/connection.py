@@ -166,7 +166,8 @@ class SocketSession:
             item = await self._out.get()
             if isinstance(item, _Close):
                 self.close_code = item.code
-                await self.ws.close(code=item.code, message=item.reason.encode())
+                with contextlib.suppress(ConnectionError):
+                    await self.ws.close(code=item.code, message=item.reason.encode())
                 return
             if self.ws.closed:
                 return
@@ -206,7 +207,8 @@ class SocketSession:
                 return
             if msg.type == WSMsgType.PING:
                 if not self.server.faults.stall_pong:
-                    await self.ws.pong(msg.data)
+                    with contextlib.suppress(ConnectionError):
+                        await self.ws.pong(msg.data)
                 continue
             if msg.type == WSMsgType.PONG:
                 continue
@@ -281,7 +283,7 @@ class SocketSession:
         self._blocked = True
         try:
             try:
-                channel = await self._admit(frame)
+                channel = await self._guarded_admit(frame)
             except JoinRefused as refused:
                 await asyncio.sleep(self.server.timings.channel_error_backoff_s)
                 self.send(
@@ -305,12 +307,23 @@ class SocketSession:
                 from_socket=True,
             )
             for message in channel.replay:
-                data = encode_broadcast(self.version, channel.topic, message)
-                if data is not None:
-                    self.push(data, from_socket=True)
+                with contextlib.suppress(ProtocolError):
+                    data = encode_broadcast(self.version, channel.topic, message)
+                    if data is not None:
+                        self.push(data, from_socket=True)
             self.server.attach_channel(channel)
         finally:
             self._unblock()
+
+    async def _guarded_admit(self, frame: Frame) -> ChannelSession:
+        try:
+            return await self._admit(frame)
+        except JoinRefused:
+            raise
+        except Exception as exc:
+            # ref §2: catch-all "Unknown Error on Channel" (no prefix).
+            log.exception("join failed unexpectedly")
+            raise JoinRefused("Unknown Error on Channel") from exc
 
     async def _admit(self, frame: Frame) -> ChannelSession:
         """The join pipeline of ref §2, in the real order; raises JoinRefused."""

@@ -241,11 +241,11 @@ def encode_broadcast(version: Version, topic: str, message: Broadcast) -> str | 
         return encode_user_broadcast(topic, message)
     if message.encoding == "binary":
         return None
-    payload: dict[str, Any] = {
-        "event": message.event,
-        "payload": json.loads(message.data),
-        "type": "broadcast",
-    }
+    try:
+        user_payload = json.loads(message.data)
+    except ValueError:
+        return None  # rt: convert_to_json_broadcast fails => nothing sent to V1
+    payload: dict[str, Any] = {"event": message.event, "payload": user_payload, "type": "broadcast"}
     if message.meta:
         payload["meta"] = message.meta
     return encode_message(version, Frame(topic, "broadcast", payload))

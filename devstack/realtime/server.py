@@ -29,13 +29,22 @@ from .connection import (
 )
 from .faults import Faults
 from .limits import RealtimeLimits, Timings
-from .protocol import Broadcast, Frame, UserBroadcast, encode_broadcast, negotiate_version
+from .protocol import (
+    Broadcast,
+    Frame,
+    ProtocolError,
+    UserBroadcast,
+    encode_broadcast,
+    negotiate_version,
+)
 from .ratecounter import RateCounter
 from .tokens import TokenError, verify_token
 
 log = logger.bind(event="realtime.server")
 
 WEBSOCKET_PATHS = ("/socket/websocket", "/realtime/v1/websocket")  # ref §1 "Path"
+# The tenant of a local Supabase stack: its gateway proxies to realtime-dev.supabase-realtime.
+LOCAL_TENANT = "realtime-dev"
 
 
 def tenant_id_from_host(host: str) -> str:
@@ -91,7 +100,12 @@ class RealtimeServer:
             by its RLS policies. Without it private joins fail like an unreachable DB.
         time_scale: multiplies every server delay and period (2 s / 5 s error backoffs,
             60 s idle close, 5 s rate ticks, 5 min token re-check).
-        tenant_ids: if given, only these tenants exist (others get "Tenant not found").
+        tenant_ids: if given, the tenant is the first label of the Host (ref §1), and only
+            these tenants exist (others get "Tenant not found").
+        tenant_from_host: take the tenant from the Host even without `tenant_ids`. Off by
+            default: a local Supabase stack's gateway (docker/volumes/api/kong.yml) proxies
+            every client to `realtime-dev.supabase-realtime`, so all of them share the one
+            tenant `realtime-dev` whatever host name they used (127.0.0.1, localhost...).
         authorizer: replaces the Postgres authorizer (a policy object for unit tests).
         timings: the unscaled delays, to override one of them.
     """
@@ -106,6 +120,7 @@ class RealtimeServer:
         database_url: str | None = None,
         time_scale: float = 1.0,
         tenant_ids: Collection[str] | None = None,
+        tenant_from_host: bool = False,
         authorizer: Authorizer | None = None,
         timings: Timings | None = None,
     ) -> None:
@@ -116,6 +131,7 @@ class RealtimeServer:
         self.time_scale = time_scale
         self.timings = (timings or Timings()).scaled(time_scale)
         self.tenant_ids = set(tenant_ids) if tenant_ids is not None else None
+        self.tenant_from_host = tenant_from_host or tenant_ids is not None
         self.authorizer: Authorizer = authorizer or (
             PostgresAuthorizer(database_url) if database_url else NoDatabase()
         )
@@ -203,7 +219,9 @@ class RealtimeServer:
 
     def tenant(self, tenant_id: str | None = None) -> Tenant:
         """The tenant `tenant_id` (default: the one a client of `url` lands in)."""
-        tid = tenant_id or tenant_id_from_host(self.host)
+        tid = tenant_id or (
+            tenant_id_from_host(self.host) if self.tenant_from_host else LOCAL_TENANT
+        )
         found = self.tenants.get(tid)
         if found is None:
             found = Tenant(
@@ -216,6 +234,8 @@ class RealtimeServer:
         return found
 
     def tenant_for_request(self, request: web.Request) -> Tenant | None:
+        if not self.tenant_from_host:
+            return self.tenant(LOCAL_TENANT)
         tid = tenant_id_from_host(request.host)
         if self.tenant_ids is not None and tid not in self.tenant_ids:
             return None
@@ -283,7 +303,11 @@ class RealtimeServer:
             if channel is exclude or _already_replayed(channel, message):
                 continue
             tenant.events.add(1)  # ref §6: +1 per delivery to each subscribed channel
-            data = encode_broadcast(channel.socket.version, topic, message)
+            try:
+                data = encode_broadcast(channel.socket.version, topic, message)
+            except ProtocolError as exc:  # e.g. a topic over 255 bytes for kind 4
+                log.warning("cannot encode a broadcast for {}: {}", topic, exc)
+                data = None
             if data is None:
                 self.stats.v1_binary_skips += 1
             else:

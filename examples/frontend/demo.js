@@ -192,10 +192,11 @@ class DemoPage {
     let state = "streaming";
     if (view.complete) state = "complete";
     else if (view.failed) state = "failed";
+    else if (view.error) state = "error"; // retryable: the stream stopped, a retry may follow
     else if (view.gap) state = "gap";
     else if (view.nextOffset === 0 && !view.done) state = "waiting";
     el.dataset.state = state;
-    if (state === "complete" || state === "failed") el.querySelector(".stop").hidden = true;
+    if (["complete", "failed", "error"].includes(state)) el.querySelector(".stop").hidden = true;
     const label = {
       waiting: "waiting for tokens…",
       streaming: view.status?.status ? `streaming · ${view.status.status}` : "streaming",
@@ -204,6 +205,7 @@ class DemoPage {
         `done (${view.done?.finish_reason ?? view.done?.status ?? "complete"})` +
         (view.verified === true ? " · checksum ✓" : view.verified === false ? " · checksum ✗" : ""),
       failed: `failed · ${view.error?.type ?? "error"}${view.error?.message ? ": " + view.error.message : ""}`,
+      error: `stopped · ${view.error?.type ?? "error"} (retryable) after ${view.nextOffset} tokens`,
     }[state];
     el.querySelector(".state").textContent = label;
     const s = view.stats;

@@ -24,6 +24,7 @@ import pytest
 from devstack.jwt import user_token
 from devstack.realtime.protocol import Version
 from devstack.upstream import SimulatedUpstream
+from devstack.upstream.faults import Fault
 from worker.config import Settings
 from worker.relay.publisher import Publisher
 from worker.relay.stream import RelayResult, Snapshot, relay_stream
@@ -165,7 +166,7 @@ async def test_subscriber_present_from_the_start(browser: Browser, stack: Stack)
 async def test_subscriber_joining_mid_stream(browser: Browser, stack: Stack) -> None:
     alice = str(uuid.uuid4())
     session, request = new_request(stack.database_url, alice)
-    async with upstream(tokens_per_second=80) as up:
+    async with upstream(tokens_per_second=50) as up:
         task = asyncio.create_task(relay(stack, up, session, request))
         try:
             await _wait_for_checkpoint(stack.database_url, request, at_least=40)
@@ -239,6 +240,38 @@ async def test_retried_sends_leave_gaps_and_duplicates_the_page_absorbs(
     assert shown["stats"]["duplicateMessages"] >= 1
     assert shown["stats"]["gapsOpened"] >= 1
     assert shown["stats"]["gapsFilled"] >= 1
+
+
+async def test_an_upstream_failure_reaches_the_page_as_llm_error(
+    browser: Browser, stack: Stack
+) -> None:
+    """The provider drops the connection mid-stream: the page keeps exactly what was
+    relayed and shows the error the relay sent (type, tokens relayed)."""
+    alice = str(uuid.uuid4())
+    session, request = new_request(stack.database_url, alice)
+    page = await open_demo(
+        browser, stack, "error", token=user_token(alice), session=session, stream=request
+    )
+    await wait_subscribed(page)
+    async with upstream(tokens_per_second=400) as up:
+        up.faults.push(Fault.reset(after_tokens=60))
+        result = await relay(stack, up, session, request, relay_upstream_retries=0)
+    assert result.error is not None
+    await page.wait_for_function("id => window.demo.page.views.get(id)?.error != null", arg=request)
+    seen = await page.evaluate(
+        """id => {
+          const v = window.demo.page.views.get(id);
+          const el = document.querySelector(`[data-stream="${id}"]`);
+          return { view: v, state: el.querySelector('.state').textContent };
+        }""",
+        request,
+    )
+    view = seen["view"]
+    assert view["content"] == result.content  # exactly what was relayed before the cut
+    assert view["reasoning"] == result.reasoning
+    assert view["error"]["tokens_relayed"] == view["nextOffset"] > 0
+    assert view["error"]["type"] in seen["state"]
+    assert view["complete"] is False
 
 
 async def test_another_user_cannot_see_the_stream(browser: Browser, stack: Stack) -> None:

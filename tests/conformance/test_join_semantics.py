@@ -200,3 +200,19 @@ async def test_replay_is_refused_on_public_channels(server: RealtimeServer, anon
         client, "room1", extra_config={"broadcast": {"replay": {"since": 0, "limit": 5}}}
     )
     assert reason == "UnableToReplayMessages: Replay is not allowed for public channels"
+
+
+async def test_client_leaving_mid_join_leaves_nothing_behind(
+    server: RealtimeServer, anon_key: str
+) -> None:
+    client = await RawClient.connect(server.url, anon_key)
+    await client.send("realtime:secret", "phx_join", {"config": {"private": True}}, ref="1")
+    await client.close()
+    for _ in range(200):
+        if not server.tenant().sockets and not server.tenant().subscribers:
+            break
+        await asyncio.sleep(0.02)
+    assert not server.tenant().sockets and not server.tenant().subscribers
+    other = await RawClient.connect(server.url, anon_key)
+    _, reply = await other.join("room1")
+    assert reply["payload"]["status"] == "ok"

@@ -99,3 +99,17 @@ async def test_tenant_is_the_first_label_of_host() -> None:
         assert set(srv.tenants) == {"proj"}
     finally:
         await srv.stop()
+
+
+async def test_without_tenant_ids_every_host_is_the_local_tenant(
+    server: RealtimeServer, anon_key: str
+) -> None:
+    """Like a local Supabase stack, whose gateway sends every client to realtime-dev."""
+    by_ip = await RawClient.connect(server.url, anon_key)
+    by_name = await RawClient.connect(server.url.replace("127.0.0.1", "localhost"), anon_key)
+    join_ref, _ = await by_ip.join("room1")
+    await by_name.join("room1")
+    payload = {"type": "broadcast", "event": "e", "payload": {}}
+    await by_ip.send("realtime:room1", "broadcast", payload, ref="1", join_ref=join_ref)
+    assert (await by_name.recv())["payload"] == payload
+    assert set(server.tenants) == {"realtime-dev"}

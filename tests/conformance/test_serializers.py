@@ -132,3 +132,19 @@ async def test_v1_never_sends_binary(server: RealtimeServer, anon_key: str) -> N
     # A binary frame cannot be decoded by the V1 serializer: the socket process dies.
     await client.ws.wait_closed()
     assert client.ws.close_code == 1011
+
+
+async def test_kind3_with_invalid_json_is_skipped_for_v1_only(
+    server: RealtimeServer, anon_key: str
+) -> None:
+    tx, join_ref, rx_v1 = await _pair(server, anon_key, "2.0.0", "1.0.0")
+    rx_v2 = await RawClient.connect(server.url, anon_key, vsn="2.0.0")
+    await rx_v2.send("realtime:room1", "phx_join", {"config": {}}, ref="1", join_ref="1")
+    await rx_v2.recv()
+    await tx.ws.send(encode_user_broadcast_push(join_ref, "7", "realtime:room1", "tok", b"{oops"))
+    assert (await tx.recv())[4] == {"status": "ok", "response": {}}
+    raw = await rx_v2.recv_raw()
+    assert isinstance(raw, bytes) and raw.endswith(b"{oops")
+    await rx_v1.expect_silence(0.2)
+    await tx.send("phoenix", "heartbeat", {}, ref="hb")
+    assert (await tx.recv())[1] == "hb"  # the sender's socket is fine

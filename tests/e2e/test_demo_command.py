@@ -1,4 +1,5 @@
-"""`llm-relay demo --once` runs the whole path and shows the text the watcher received."""
+"""`llm-relay demo --once` runs the whole path (queue, worker process, private topic) and
+shows the text an independent subscriber received, equal to the stored transcript."""
 
 from __future__ import annotations
 
@@ -38,3 +39,5 @@ def test_demo_once_streams_exact_text_to_a_subscriber() -> None:
     out = proc.stdout
     assert DEMO_TEXT.strip() in out  # the answer, as the subscriber reassembled it
     assert "exact (llm-done checksum)   yes" in out
+    assert "stored transcript = screen  yes" in out
+    assert "request status              done" in out

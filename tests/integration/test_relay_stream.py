@@ -189,3 +189,43 @@ async def test_checkpoint_failure_propagates(server: RealtimeServer) -> None:
                 ),
                 20,
             )
+
+
+async def test_idle_topics_leave_their_channel(server: RealtimeServer) -> None:
+    """Every session has its own topic and Realtime allows 100 channels per socket."""
+    settings = relay_settings(server)
+    async with Publisher(settings, api_key=api_key("service_role")) as pub:
+        pub.topic_linger_s = 0.2
+        await pub.wait_connected(5)
+        for i in range(3):
+            await relay_stream(
+                token_source(words(30)),
+                publisher=pub,
+                topic=f"llm-token:idle-{i}",
+                stream_id=f"i-{i}",
+                settings=settings,
+            )
+
+        def server_channels() -> int:
+            return sum(
+                len(sock.channels)
+                for tenant in server.tenants.values()
+                for sock in tenant.sockets
+                if sock.apikey_claims.get("role") == "service_role"
+            )
+
+        async with asyncio.timeout(5):
+            while True:
+                if not pub._lanes and not server_channels():
+                    break
+                await asyncio.sleep(0.05)
+        assert pub.state.value == "connected"
+        # A new stream on a retired topic joins again and is delivered.
+        result = await relay_stream(
+            token_source(words(5)),
+            publisher=pub,
+            topic="llm-token:idle-0",
+            stream_id="i-again",
+            settings=settings,
+        )
+        assert result.error is None and result.messages >= 2

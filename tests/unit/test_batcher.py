@@ -97,7 +97,7 @@ tokens_st = st.lists(
 steps_st = st.lists(st.floats(min_value=0, max_value=0.2), min_size=200, max_size=200)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     tokens=tokens_st,
     steps=steps_st,

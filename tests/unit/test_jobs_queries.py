@@ -6,7 +6,9 @@ from worker.jobs.queries import parse_queries, queries
 def test_every_block_the_repository_runs_is_defined() -> None:
     names = set(queries())
     expected = {"claim", "sweep", "heartbeat", "checkpoint", "cancel_requested", "finish"}
-    assert expected | {"release", "get", "act_as_user", "submit", "cancel"} == names
+    assert (
+        expected | {"release", "get", "act_as_user", "create_session", "submit", "cancel"} == names
+    )
 
 
 def test_blocks_are_split_on_name_headers() -> None:

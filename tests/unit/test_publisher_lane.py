@@ -173,3 +173,14 @@ def test_publisher_needs_a_key() -> None:
 
     with pytest.raises(ConfigError):
         Publisher(Settings(supabase_service_role_key=None))
+
+
+async def test_path_failures_do_not_count_towards_the_fallback() -> None:
+    pub, lane, handle = make()
+    enqueue(pub, lane, handle, Batch("content", 0, ("a", "b"), "size"))
+    item = lane.pending.pop(0)
+    for _ in range(10):
+        lane._failed(item, "disconnected")
+        assert lane.pending == [item] and item.not_before == 0.0
+        lane.pending.remove(item)
+    assert item.failures == 0 and handle.stats.fallbacks == 0 and handle.stats.retries == 0

@@ -67,3 +67,23 @@ async def test_outside_cancellation_propagates() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_arm_api_timeout_and_real_cancel() -> None:
+    watchdog = ReadWatchdog()
+    loop = asyncio.get_running_loop()
+    caught = False
+    try:
+        watchdog.arm(loop.time() + 0.05)
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        caught = watchdog.timed_out()
+    finally:
+        watchdog.disarm()
+    assert caught
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    with pytest.raises(ReadTimeout):
+        watchdog.arm(loop.time() - 1)
+    watchdog.disarm()
+    watchdog.close()

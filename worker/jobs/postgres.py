@@ -211,6 +211,12 @@ class PostgresJobRepository(JobRepository):
 
     # --- the user side: one transaction each, as PostgREST runs a request ---
 
+    async def create_session_as(self, user_id: str, session_id: str | None = None) -> str:
+        row = await self._as_user(user_id, "create_session", {"session_id": session_id})
+        if row is None:  # pragma: no cover - INSERT ... RETURNING always returns the row
+            raise QueueError("insert returned no row")
+        return str(row["id"])
+
     async def submit_as(self, user_id: str, request: NewRequest) -> Submitted:
         params = {
             "session_id": request.session_id,

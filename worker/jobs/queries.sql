@@ -138,6 +138,12 @@ WHERE id = %(id)s;
 SELECT set_config('role', 'authenticated', true),
        set_config('request.jwt.claims', %(claims)s, true);
 
+-- name: create_session
+-- A session before any request, so a frontend can join its topic first.
+INSERT INTO public.llm_sessions (id)
+VALUES (coalesce(%(session_id)s::uuid, gen_random_uuid()))
+RETURNING id;
+
 -- name: submit
 INSERT INTO public.llm_requests (session_id, provider, model, messages, params)
 VALUES (coalesce(%(session_id)s::uuid, gen_random_uuid()),

@@ -108,6 +108,10 @@ class JobRepository(abc.ABC):
     # --- the user side (what a frontend does, under its JWT and RLS) ---
 
     @abc.abstractmethod
+    async def create_session_as(self, user_id: str, session_id: str | None = None) -> str:
+        """Create a session owned by `user_id` (to join its topic before any request)."""
+
+    @abc.abstractmethod
     async def submit_as(self, user_id: str, request: NewRequest) -> Submitted:
         """Insert a request as `user_id`."""
 

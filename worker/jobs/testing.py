@@ -260,6 +260,13 @@ class InMemoryJobRepository(JobRepository):
 
     # --- the user side ---
 
+    async def create_session_as(self, user_id: str, session_id: str | None = None) -> str:
+        session_id = session_id or str(uuid.uuid4())
+        if session_id in self.sessions:
+            raise QueueError(f"session {session_id} exists")
+        self.sessions[session_id] = user_id
+        return session_id
+
     async def submit_as(self, user_id: str, request: NewRequest) -> Submitted:
         session_id = request.session_id or str(uuid.uuid4())
         if self.sessions.get(session_id, user_id) != user_id:

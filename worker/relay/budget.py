@@ -122,6 +122,9 @@ class MessageBudget:
         """Wait (FIFO) until `messages` messages may be sent; return the time waited."""
         cost = messages * self.cost_per_message
         start = self._clock()
+        # Yield once, so that a caller that loops on acquire() cannot drain the burst
+        # before the other callers have even queued (FIFO needs them in the queue).
+        await asyncio.sleep(0)
         async with self._lock:
             while True:
                 now = self._clock()

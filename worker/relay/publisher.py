@@ -67,6 +67,9 @@ from worker.relay.wire import EVENT_TOKEN, WIRE_VERSION, TokenMessage
 CLIENT_RECREATE_AFTER = 5  # consecutive connect failures (realtime-py's own give-up point)
 SUPERVISE_TICK_S = 0.1
 ACTIVE_WINDOW_S = 2.0  # a stream counts for the fair share this long after its last token
+# A topic with no open stream and nothing queued leaves its channel after this long:
+# Realtime allows 100 channels per socket, and every session has its own topic.
+TOPIC_LINGER_S = 10.0
 DEAD_SOCKET_TIMEOUTS = 3  # consecutive ack timeouts, no ok in between, before a new client
 RATE_LIMIT_MESSAGES = ("Too many messages per second",)
 RATE_LIMIT_JOIN_CODES = (
@@ -75,6 +78,9 @@ RATE_LIMIT_JOIN_CODES = (
     "ClientJoinRateLimitReached",
     "DatabaseConnectionRateLimitReached",
 )
+
+# Failures of the path, not of the message (see `_Lane._failed`).
+PATH_FAILURES = frozenset({"disconnected", "channel_closed", "channel_error"})
 
 Route = Literal["ws", "rest", "hold"]
 log = logger.bind(event="relay.publisher")
@@ -219,10 +225,12 @@ class _Lane:
         self.counter = 0
         self.log = log.bind(topic=topic)
         self.task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
 
     # --- queue ---
 
     def add(self, item: _Item) -> None:
+        self.last_activity = time.monotonic()
         bisect.insort(self.pending, item, key=lambda it: it.order)
         self.wake.set()
 
@@ -443,6 +451,7 @@ class _Lane:
     # --- outcomes ---
 
     def _delivered(self, item: _Item, route: str) -> None:
+        self.last_activity = time.monotonic()
         metrics.MESSAGES.labels(item.event, route).inc()
         metrics.BACKLOG.dec()
         item.handle._done_one()
@@ -450,6 +459,13 @@ class _Lane:
 
     def _failed(self, item: _Item, reason: str) -> None:
         metrics.FLUSH_FAILURES.labels(reason).inc()
+        if reason in PATH_FAILURES:
+            # The socket or channel went away under the message: nothing is wrong with
+            # the message itself, so it does not count towards the fallback. It goes
+            # again at once, by whatever route is open (REST, or after the rejoin).
+            item.not_before = 0.0
+            self.add(item)
+            return
         item.failures += 1
         decision = self.pub.policy.on_failure(
             item.failures, splittable=item.splittable, is_piece=item.is_piece
@@ -557,6 +573,7 @@ class Publisher:
         self.reconnections = 0
         self.clients_created = 0
         self.max_in_flight_seen = 0  # pipelining depth reached on any topic
+        self.topic_linger_s = TOPIC_LINGER_S
 
     # --- lifecycle ---
 
@@ -808,6 +825,7 @@ class Publisher:
                 failures = await self._connect_once(client, failures)
                 was_connected = client.is_connected
                 continue
+            self._retire_idle_topics()
             self._ensure_channels()
             await self._sleep(SUPERVISE_TICK_S)
 
@@ -873,6 +891,40 @@ class Publisher:
             self._lanes[topic].fail_in_flight("disconnected")
         if old is not None:
             await self._close_client(old)
+
+    def _retire_idle_topics(self) -> None:
+        """Leave the channels of topics no stream uses any more (nothing queued)."""
+        now = time.monotonic()
+        busy = {handle.topic for handle in self._streams}
+        for topic, lane in list(self._lanes.items()):
+            if (
+                topic in busy
+                or lane.pending
+                or lane.in_flight
+                or now - lane.last_activity < self.topic_linger_s
+            ):
+                continue
+            state = self._topics.pop(topic)
+            del self._lanes[topic]
+            if lane.task is not None:
+                lane.task.cancel()
+            if state.join_task is not None:
+                state.join_task.cancel()
+            channel = state.channel
+            client = self._client
+            if (
+                channel is not None
+                and client is not None
+                and client.channels.get(channel.topic) is channel
+            ):
+                # unsubscribe() = phx_leave; realtime-py drops the channel on the reply.
+                self._spawn(self._leave(channel), f"relay-leave:{topic}")
+            log.bind(topic=topic).debug("topic idle: channel left")
+
+    async def _leave(self, channel: AsyncRealtimeChannel) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.settings.relay_ack_timeout_s * 2):
+                await channel.unsubscribe()
 
     def _ensure_channels(self) -> None:
         now = time.monotonic()

@@ -8,7 +8,8 @@ The runner streams the generation (upstream -> relay -> publisher) starting at
 `ctx.start` (offsets, message numbers and the text so far: a taken-over request
 continues where the last checkpoint left it), reports progress with
 `ctx.record(snapshot)` (cheap and synchronous; the worker writes it to Postgres
-about once a second and at the end), and returns an `Outcome`.
+about once a second and at the end) or `await ctx.checkpoint(snapshot)` (written
+now; for runners with their own checkpoint cadence), and returns an `Outcome`.
 
 When `ctx.aborted` is set the runner must stop within `ctx.stop_within_s`:
 - `cancelled`: the owner asked. Abort the upstream, tell the client
@@ -52,9 +53,14 @@ class Outcome:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    # None: retry when the error says it is retryable. False: the client was already
+    # told the stream failed (llm-error), so another attempt would confuse it.
+    retry: bool | None = None
 
     @property
     def retryable(self) -> bool:
+        if self.retry is not None:
+            return self.retry
         return bool(self.error and self.error.get("retryable"))
 
 
@@ -70,6 +76,7 @@ class StreamContext:
         self._aborted = asyncio.Event()
         self.abort_reason: AbortReason | None = None
         self.stop_within_s: float = CANCEL_STOP_S
+        self._writer: Callable[[], Awaitable[None]] | None = None
 
     @property
     def stream_id(self) -> str:
@@ -97,6 +104,20 @@ class StreamContext:
         if snapshot.next_offset < self._latest.next_offset:
             raise ValueError("a snapshot cannot move backwards")
         self._latest = snapshot
+
+    async def checkpoint(self, snapshot: Snapshot) -> None:
+        """Record, and write to Postgres now (for runners with their own cadence).
+
+        Raises:
+            LeaseLost: another worker owns the request; stop publishing.
+        """
+        self.record(snapshot)
+        if self._writer is not None:
+            await self._writer()
+
+    def set_writer(self, writer: Callable[[], Awaitable[None]]) -> None:
+        """Worker side: how `checkpoint()` persists the latest snapshot."""
+        self._writer = writer
 
     @property
     def aborted(self) -> asyncio.Event:

@@ -40,6 +40,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="the user message")
     source.add_argument("--messages", help="the chat messages as a JSON array")
     source.add_argument("--cancel", metavar="REQUEST_ID", help="ask to cancel a request")
+    source.add_argument(
+        "--new-session", action="store_true", help="only create a session (to subscribe first)"
+    )
     parser.add_argument("--wait", action="store_true", help="wait for the end and print it")
     parser.add_argument("--timeout", type=float, default=300.0, help="--wait limit, seconds")
 
@@ -107,6 +110,10 @@ async def submit(args: argparse.Namespace, repository: JobRepository, settings: 
         status = await repository.cancel_as(user_id, args.cancel)
         print(json.dumps({"id": args.cancel, "status": status}))
         return 0 if status else 1
+    if args.new_session:
+        session_id = await repository.create_session_as(user_id, args.session)
+        print(json.dumps({"session_id": session_id, "topic": settings.topic_for(session_id)}))
+        return 0
     submitted = await repository.submit_as(user_id, build_request(args))
     print(
         json.dumps(

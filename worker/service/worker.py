@@ -22,7 +22,7 @@ import enum
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
@@ -65,6 +65,7 @@ class _Active:
     task: asyncio.Task[None] | None = None
     saved: Snapshot | None = None  # the last snapshot written to Postgres
     settling: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one checkpoint at a time
 
 
 async def _complete(coro: Coroutine[Any, Any, None]) -> None:
@@ -183,6 +184,8 @@ class Worker:
             if task is stop_wait:
                 continue
             error = None if task.cancelled() else task.exception()
+            if task is claim_loop and error is None and self._stopping.is_set():
+                continue  # it returns when asked to stop
             self._crashed = error or RuntimeError(f"side task {names[task]} exited")
             self._log.opt(exception=error).error("{} died: stopping the worker", names[task])
             self.stop()
@@ -254,6 +257,7 @@ class Worker:
         else:
             ctx = StreamContext(job, request, topic=self._settings.topic_for(job.session_id))
             active = _Active(job, ctx, saved=job.snapshot)
+            ctx.set_writer(lambda: self._checkpoint_now(active))
             active.task = asyncio.create_task(self._process(active), name=f"stream-{job.id}")
         self._active[job.id] = active
         self.metrics.in_flight.set(len(self._active))
@@ -441,23 +445,40 @@ class Worker:
         for job_id, active in list(self._active.items()):
             if active.ctx is None or active.settling:
                 continue
-            snapshot = active.ctx.latest
-            if snapshot == active.saved:
+            if active.ctx.latest == active.saved:
                 unchanged.append(job_id)
                 continue
             try:
-                cancel = await self._repo.checkpoint(
-                    worker=self.worker_id, job_id=job_id, snapshot=snapshot
-                )
+                await self._write_checkpoint(active)
             except LeaseLost:
                 self._abort(job_id, "lease_lost")
-                continue
-            active.saved = snapshot
-            self.metrics.checkpoints.inc()
-            if cancel:
-                self._abort(job_id, "cancelled")
         for job_id in await self._repo.cancel_requested(unchanged):
             self._abort(job_id, "cancelled")
+
+    async def _write_checkpoint(self, active: _Active) -> None:
+        assert active.ctx is not None
+        async with active.lock:
+            snapshot = active.ctx.latest
+            if snapshot == active.saved or active.settling:
+                return
+            cancel = await self._repo.checkpoint(
+                worker=self.worker_id, job_id=active.job.id, snapshot=snapshot
+            )
+            active.saved = snapshot
+        self.metrics.checkpoints.inc()
+        if cancel:
+            self._abort(active.job.id, "cancelled")
+
+    async def _checkpoint_now(self, active: _Active) -> None:
+        """`ctx.checkpoint()`: write at once; a lost lease stops the runner."""
+        try:
+            await self._write_checkpoint(active)
+        except LeaseLost:
+            self._abort(active.job.id, "lease_lost")
+            raise
+        except QueueError as exc:  # the periodic checkpointer tries again
+            self.metrics.queue_errors.inc()
+            self._log.bind(job=active.job.id).warning("checkpoint failed: {}", exc.message)
 
     # --- shutdown ---
 

@@ -427,14 +427,7 @@ class UpstreamClient:
         response = await self._open(read, request, first_deadline)
         watchdog = ReadWatchdog()
         try:
-            stats.http_status = response.status_code
-            if stats.headers_s is None:
-                stats.headers_s = time.monotonic() - stats.started
-            if response.status_code != 200:
-                raise await self._status_error(response, provider, first_deadline)
-            content_type = response.headers.get("content-type", "")
-            if "text/html" in content_type or "application/json" in content_type:
-                raise await self._not_a_stream(response, provider, first_deadline)
+            await self._check_response(response, provider, stats, first_deadline)
             decoder = SSEDecoder()
             encoded = response.headers.get("content-encoding", "identity") != "identity"
             chunks = response.aiter_bytes() if encoded else response.aiter_raw()
@@ -444,18 +437,21 @@ class UpstreamClient:
                 if read.produced:
                     deadline = min(total_deadline, loop.time() + idle_s)
                 try:
-                    data = await watchdog.read(anext(chunks), deadline)
+                    watchdog.arm(deadline)
+                    data = await anext(chunks)
                 except StopAsyncIteration:
                     break
+                except asyncio.CancelledError:
+                    if not watchdog.timed_out():
+                        raise
+                    raise self._read_timeout(read) from None
                 except ReadTimeout:
-                    phase = "idle" if read.produced else "first token"
-                    error = UpstreamError(
-                        f"no chunk before the {phase} deadline", type="timeout", provider=provider
-                    )
-                    raise self._with_partial_usage(error, read) from None
+                    raise self._read_timeout(read) from None
                 except httpx.HTTPError as exc:
                     error = error_from_httpx(exc, provider)
                     raise self._with_partial_usage(error, read) from exc
+                finally:
+                    watchdog.disarm()
                 batch = self._parse(read, decoder.feed(data))
                 if batch:
                     self._note_output(read, batch, stats)
@@ -467,6 +463,28 @@ class UpstreamClient:
         finally:
             watchdog.close()
             await response.aclose()
+
+    async def _check_response(
+        self, response: httpx.Response, provider: str, stats: StreamStats, deadline: float
+    ) -> None:
+        """A stream begins only with a 200 that is an event stream."""
+        stats.http_status = response.status_code
+        if stats.headers_s is None:
+            stats.headers_s = time.monotonic() - stats.started
+        if response.status_code != 200:
+            raise await self._status_error(response, provider, deadline)
+        content_type = response.headers.get("content-type", "")
+        if "text/html" in content_type or "application/json" in content_type:
+            raise await self._not_a_stream(response, provider, deadline)
+
+    def _read_timeout(self, read: _Read) -> UpstreamError:
+        phase = "idle" if read.produced else "first token"
+        error = UpstreamError(
+            f"no chunk before the {phase} deadline",
+            type="timeout",
+            provider=read.parser.provider,
+        )
+        return self._with_partial_usage(error, read)
 
     def _end_of_stream(self, read: _Read, decoder: SSEDecoder) -> list[UpstreamEvent]:
         batch = self._parse(read, decoder.flush())

@@ -36,6 +36,28 @@ class ReadWatchdog:
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at = math.inf
 
+    def arm(self, deadline: float) -> None:
+        """Before a read (the hot path's API: no coroutine per read): the read that
+        follows may be cancelled at `deadline`. Raises `ReadTimeout` if it has passed.
+        Pair with `disarm()` in a `finally`, and pass a `CancelledError` to `timed_out()`."""
+        if self._loop.time() >= deadline:
+            raise ReadTimeout
+        self._deadline = deadline
+        if self._handle is None or self._handle_at > deadline:
+            self._arm(deadline)
+        self._reading = True
+
+    def disarm(self) -> None:
+        self._reading = False
+
+    def timed_out(self) -> bool:
+        """After a `CancelledError` in the read: True if we caused it (then it is undone)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        self._task.uncancel()
+        return True
+
     async def read(self, awaitable: Awaitable[T], deadline: float) -> T:
         """Await `awaitable`; raise `ReadTimeout` if `deadline` (loop time) passes first."""
         if self._loop.time() >= deadline:
