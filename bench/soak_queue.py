@@ -304,10 +304,24 @@ async def _verify_subscribers(
     """Exact live, or exact by the client rule's catch-up after a takeover: the
     subscriber saw `llm-status` resuming, its live text is a prefix of the stored
     snapshot, and the snapshot's text is what `llm-done` announced."""
+    mine_of = {
+        i: [job_id for n, job_id in enumerate(ids) if n % len(sessions) == i]
+        for i in range(len(stack.watchers))
+    }
+
+    def ended(i: int) -> bool:  # llm-done / llm-error seen (a gap may still be held)
+        streams = stack.watchers[i].reassembly.streams
+        return all(
+            (st := streams.get(job_id)) is not None and (st.done or st.error) is not None
+            for job_id in mine_of[i]
+        )
+
+    with contextlib.suppress(TimeoutError):  # what is missing is reported below
+        async with asyncio.timeout(30):
+            while not all(ended(i) for i in mine_of):  # noqa: ASYNC110 - polls 4 watchers
+                await asyncio.sleep(0.1)
     for i, watcher in enumerate(stack.watchers):
-        mine = [job_id for n, job_id in enumerate(ids) if n % len(sessions) == i]
-        with contextlib.suppress(TimeoutError):  # what is missing is reported below
-            await watcher.wait_finished(streams=len(mine), timeout_s=30)
+        mine = mine_of[i]
         for job_id in mine:
             state = watcher.reassembly.streams.get(job_id)
             problem = _check(state, stack.text)

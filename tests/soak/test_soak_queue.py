@@ -22,16 +22,16 @@ pytestmark = [
 async def test_kill_9_mid_run_loses_no_request_and_every_stream_is_exact(
     database_url: str,
 ) -> None:
-    config = QueueSoakConfig(requests=24, tokens=80, concurrency=12, timeout_s=100, real=True)
+    config = QueueSoakConfig(requests=40, tokens=100, concurrency=16, timeout_s=100, real=True)
     report = await run_queue_soak(database_url, config)
     summary = {k: v for k, v in report.to_dict().items() if k not in ("lost", "config")}
     assert report.lost == [], (report.lost[:10], summary)
     assert report.subscriber_not_exact == [], (report.subscriber_not_exact[:10], summary)
-    assert report.done_exact == 24, summary
-    assert report.subscriber_exact_live + report.subscriber_exact_after_catch_up == 24, summary
+    assert report.done_exact == 40, summary
+    assert report.subscriber_exact_live + report.subscriber_exact_after_catch_up == 40, summary
     # The chaos really happened: the kill hit streams in flight, another worker finished
     # them, the proxy cut connections, the server and the upstream injected faults.
     assert report.killed_exit_code == -9, summary
     assert report.running_on_killed_worker > 0 and report.taken_over > 0, summary
     assert report.proxy_cuts > 0 and sum(report.server_ack_faults.values()) > 0, summary
-    assert report.upstream_requests > 24, summary
+    assert report.upstream_requests > 40, summary
