@@ -124,6 +124,22 @@ class Faults:
         counter.add(int(counter.limit * counter.tick_s * counter.max_buckets))
         self.server.tick()
 
+    def shutdown_channels(
+        self, message: str = "Too many messages per second", *, sub_topic: str | None = None
+    ) -> int:
+        """Shut channels down the way the server does (ref §2 "Channel shutdown"): `system`
+        error `message`, then `phx_close`; sockets stay open. All channels, or those of one
+        sub-topic (no `realtime:` prefix). Returns how many."""
+        assert self.server is not None
+        closed = 0
+        for tenant in self.server.tenants.values():
+            for sock in list(tenant.sockets):
+                for channel in list(sock.channels.values()):
+                    if sub_topic is None or channel.sub_topic == sub_topic:
+                        sock.shutdown_channel(channel, message)
+                        closed += 1
+        return closed
+
     async def close_sockets(self, code: int, reason: str = "") -> int:
         """Close every open socket with `code` (1000, 1001, 1011, 1012...). Returns how many."""
         assert self.server is not None

@@ -207,3 +207,20 @@ async def test_exceed_message_rate(server: RealtimeServer, anon_key: str) -> Non
         http.post(server.url + "/api/broadcast/room1/events/e", json={}) as response,
     ):
         assert response.status == 429
+
+
+async def test_shutdown_channels(server: RealtimeServer, anon_key: str) -> None:
+    client = await RawClient.connect(server.url, anon_key)
+    a_ref, _ = await client.join("a")
+    await client.join("b")
+    assert server.faults.shutdown_channels("Token has expired 1 seconds ago", sub_topic="a") == 1
+    system = await client.recv()
+    assert system["topic"] == "realtime:a"
+    assert system["payload"]["message"] == "Token has expired 1 seconds ago"
+    assert await client.recv() == {
+        "topic": "realtime:a",
+        "event": "phx_close",
+        "payload": {},
+        "ref": a_ref,
+    }
+    assert [list(s.channels) for s in server.tenant().sockets] == [["realtime:b"]]
