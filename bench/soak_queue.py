@@ -6,17 +6,27 @@ Real `llm-relay run` processes on a real PostgreSQL (embedded): requests are
 submitted the way a frontend does (under a user's JWT and RLS), two workers claim
 them, one is killed with SIGKILL while it streams, a fresh worker joins, and every
 request must end `done` with the stored transcript equal to the expected text
-(0 lost requests). The workers use the scripted runner (deterministic tokens),
-because the real stream runner is not wired into `llm-relay run` yet
-(`worker/service/runner.py`); the relay half of the soak is `bench/soak.py`.
+(0 lost requests).
+
+Two modes:
+- default (`--scripted`): the scripted runner (deterministic tokens, no Realtime): the
+  queue, leases, checkpoints and takeover alone.
+- `--real`: the real runner of `llm-relay run` (simulated upstream → relay → local
+  Realtime), the workers' Realtime connections through the `FaultProxy` (cut every
+  1-2 s), ack faults on the server, 429s and mid-stream resets on the upstream, one
+  rate-limit shutdown at the kill; independent subscribers (`Watcher`, one per
+  session, direct to the server) must have every stream exact, and every stored
+  transcript must equal the upstream's text.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -27,7 +37,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.chaos import FaultProxy
+from bench.soak import TIME_SCALE, _check, soak_text
+from devstack.jwt import api_key
+from devstack.realtime import RealtimeServer
+from devstack.realtime.limits import RealtimeLimits, Timings
+from devstack.upstream.faults import Fault
+from devstack.upstream.server import SimulatedUpstream
 from worker.jobs import NewRequest, PostgresJobRepository
+from worker.relay.reassembly import StreamReassembly
+from worker.relay.watch import Watcher
+from worker.relay.wire import text_checksum
 from worker.service.testing import scripted_text
 
 USER = "6f1b1c1e-0000-4000-8000-0000000000b9"
@@ -42,6 +62,10 @@ class QueueSoakConfig:
     concurrency: int = 32
     kill_after_s: float = 2.0
     timeout_s: float = 300.0
+    real: bool = False  # the real runner through Realtime (else the scripted one)
+    sessions: int = 4
+    tokens_per_second: float = 200.0
+    seed: int = 3
 
 
 @dataclass
@@ -53,21 +77,35 @@ class QueueSoakReport:
     taken_over: int = 0  # requests finished on a later attempt (after the kill)
     running_on_killed_worker: int = 0
     killed_exit_code: int | None = None
+    subscriber_exact_live: int = 0
+    subscriber_exact_after_catch_up: int = 0  # live gap after the kill, filled by the snapshot
+    subscriber_not_exact: list[dict[str, Any]] = field(default_factory=list)
+    duplicates_dropped: int = 0
+    proxy_cuts: int = 0
+    upstream_requests: int = 0
+    server_ack_faults: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.done_exact == self.requests and not self.lost
+        return self.done_exact == self.requests and not self.lost and not self.subscriber_not_exact
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
 
 
 class Workers:
-    def __init__(self, database_url: str, config: QueueSoakConfig, logs: Path) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        config: QueueSoakConfig,
+        logs: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.database_url = database_url
         self.config = config
         self.logs = logs
+        self.extra_env = extra_env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, worker_id: str) -> subprocess.Popen[bytes]:
@@ -81,12 +119,14 @@ class Workers:
             "RELAY_HTTP_PORT": "0",
             "RELAY_CONCURRENCY": str(self.config.concurrency),
             "RELAY_LOG_LEVEL": "WARNING",
+            **self.extra_env,
         }
-        command = [
-            *(sys.executable, "-m", "worker", "run", "--worker-id", worker_id),
-            *("--runner", "worker.service.testing:scripted"),
-            *("-o", f"tokens={self.config.tokens}", "-o", f"delay_ms={self.config.delay_ms}"),
-        ]
+        command = [sys.executable, "-m", "worker", "run", "--worker-id", worker_id]
+        if not self.config.real:
+            command += [
+                *("--runner", "worker.service.testing:scripted"),
+                *("-o", f"tokens={self.config.tokens}", "-o", f"delay_ms={self.config.delay_ms}"),
+            ]
         with (self.logs / f"{worker_id}.log").open("wb") as sink:
             proc = subprocess.Popen(command, env=env, cwd=self.logs, stderr=sink)
         self.procs[worker_id] = proc
@@ -105,40 +145,209 @@ class Workers:
 
 
 async def run_queue_soak(database_url: str, config: QueueSoakConfig) -> QueueSoakReport:
+    if not config.real:
+        return await _run(database_url, config, None)
+    return await _run_real(database_url, config)
+
+
+async def _run_real(database_url: str, config: QueueSoakConfig) -> QueueSoakReport:
+    """The stack for the real runner: Realtime (behind the fault proxy), upstream."""
+    server = RealtimeServer(
+        time_scale=TIME_SCALE,
+        timings=Timings(idle_timeout_s=60 / TIME_SCALE),
+        limits=RealtimeLimits(
+            max_events_per_second=10_000_000,
+            max_joins_per_second=100_000,
+            max_concurrent_users=10_000,
+        ),
+    )
+    text = soak_text(config.seed, config.tokens)
+    upstream = SimulatedUpstream(text=text, tokens_per_second=config.tokens_per_second)
+    await server.start()
+    await upstream.start()
+    try:
+        async with FaultProxy("127.0.0.1", server.port, seed=config.seed) as proxy:
+            env = {
+                "SUPABASE_URL": proxy.url,
+                "SUPABASE_SERVICE_ROLE_KEY": api_key("service_role"),
+                "OPENAI_BASE_URL": upstream.base_url,
+                "OPENAI_API_KEY": "sk-devstack",
+                "RELAY_PRIVATE_CHANNELS": "false",
+                "RELAY_MESSAGES_PER_SECOND": "1000000",
+                "RELAY_ACK_TIMEOUT_S": "0.5",
+                "RELAY_RETRY_BASE_MS": "20",
+                "RELAY_RETRY_CAP_S": "0.4",
+                "RELAY_RATE_LIMIT_REJOIN_S": "0.3",
+                "RELAY_UPSTREAM_RETRIES": "6",
+                "RELAY_UPSTREAM_RETRY_BASE_S": "0.05",
+                "RELAY_UPSTREAM_RETRY_CAP_S": "0.5",
+                "RELAY_BREAKER_FAILURES": "1000000",
+                "RELAY_MIDSTREAM_RECOVERY": "continue",
+                "RELAY_MIDSTREAM_MAX_RECOVERIES": "4",
+                "RELAY_GRACE_PERIOD_S": "1.0",
+            }
+            server.faults.ack_delay_s = 0.6
+            server.faults.ack_shares(
+                reject=0.04, drop=0.02, lose_reply=0.02, delay=0.02, seed=config.seed
+            )
+            rng = random.Random(config.seed)
+            for _ in range(max(1, config.requests // 12)):
+                upstream.faults.push(
+                    Fault.rate_limit(retry_after_ms=50),
+                    Fault.reset(after_tokens=rng.randint(3, max(4, config.tokens - 3))),
+                )
+            stack = _RealStack(server, upstream, text, env)
+            report = await _run(database_url, config, stack)
+            report.proxy_cuts = proxy.stats.cuts
+    finally:
+        await upstream.stop()
+        await server.stop()
+    report.upstream_requests = len(upstream.requests)
+    report.server_ack_faults = {
+        k.value: v for k, v in server.faults.outcomes_applied.items() if k.value != "ok"
+    }
+    return report
+
+
+@dataclass
+class _RealStack:
+    server: RealtimeServer
+    upstream: SimulatedUpstream
+    text: str
+    env: dict[str, str]
+    watchers: list[Watcher] = field(default_factory=list)
+
+
+async def _run(
+    database_url: str, config: QueueSoakConfig, stack: _RealStack | None
+) -> QueueSoakReport:
     report = QueueSoakReport(config=asdict(config), requests=config.requests)
     started = time.monotonic()
     repo = PostgresJobRepository.from_url(database_url, pool_size=2)
     logs = Path(tempfile.mkdtemp(prefix="soak-queue-"))
-    workers = Workers(database_url, config, logs)
+    workers = Workers(database_url, config, logs, stack.env if stack else None)
     try:
-        ids = [(await repo.submit_as(USER, NewRequest(HELLO))).id for _ in range(config.requests)]
+        sessions: list[str | None] = [None]
+        if stack is not None:
+            sessions = [await repo.create_session_as(USER) for _ in range(config.sessions)]
+            for session in sessions:
+                watcher = Watcher(
+                    realtime_url=stack.server.url + "/realtime/v1",
+                    token=api_key("anon"),
+                    topic=f"llm-token:{session}",
+                    private=False,
+                )
+                await watcher.start()
+                stack.watchers.append(watcher)
+        ids = [
+            (
+                await repo.submit_as(
+                    USER, NewRequest(HELLO, session_id=sessions[i % len(sessions)])
+                )
+            ).id
+            for i in range(config.requests)
+        ]
         workers.spawn("soak-a")
         workers.spawn("soak-b")
         await _kill_one_mid_stream(repo, ids, workers, config, report)
+        if stack is not None:
+            _rate_limit_shutdown(stack.server)
         workers.spawn("soak-c")
         await _wait_all_final(repo, ids, config.timeout_s - (time.monotonic() - started))
-        expected = scripted_text(0, config.tokens)
-        for job_id in ids:
-            record = await repo.get(job_id)
-            if record is None or record.status != "done" or record.snapshot.content != expected:
-                report.lost.append(
-                    {
-                        "id": job_id,
-                        "status": None if record is None else record.status,
-                        "next_offset": None if record is None else record.snapshot.next_offset,
-                        "attempts": None if record is None else record.attempts,
-                        "error": None if record is None else record.error,
-                    }
-                )
-            else:
-                report.done_exact += 1
-                report.taken_over += record.attempts > 1
+        expected = stack.text if stack else scripted_text(0, config.tokens)
+        await _verify(repo, ids, expected, report)
+        if stack is not None:
+            await _verify_subscribers(stack, ids, sessions, report)
     finally:
         workers.stop_all()
+        if stack is not None:
+            for watcher in stack.watchers:
+                await watcher.close()
         await repo.close()
         shutil.rmtree(logs, ignore_errors=True)
     report.wall_s = round(time.monotonic() - started, 1)
     return report
+
+
+def _rate_limit_shutdown(server: RealtimeServer) -> None:
+    for tenant in server.tenants.values():
+        for sock in list(tenant.sockets):
+            if sock.apikey_claims.get("role") == "service_role":
+                for channel in list(sock.channels.values()):
+                    sock.shutdown_channel(channel, "Too many messages per second")
+
+
+async def _verify(
+    repo: PostgresJobRepository, ids: list[str], expected: str, report: QueueSoakReport
+) -> None:
+    for job_id in ids:
+        record = await repo.get(job_id)
+        if record is None or record.status != "done" or record.snapshot.content != expected:
+            report.lost.append(
+                {
+                    "id": job_id,
+                    "status": None if record is None else record.status,
+                    "next_offset": None if record is None else record.snapshot.next_offset,
+                    "chars": None if record is None else len(record.snapshot.content),
+                    "attempts": None if record is None else record.attempts,
+                    "error": None if record is None else record.error,
+                }
+            )
+        else:
+            report.done_exact += 1
+            report.taken_over += record.attempts > 1
+
+
+async def _verify_subscribers(
+    stack: _RealStack, ids: list[str], sessions: list[str | None], report: QueueSoakReport
+) -> None:
+    """Exact live, or exact by the client rule's catch-up after a takeover: the
+    subscriber saw `llm-status` resuming, its live text is a prefix of the stored
+    snapshot, and the snapshot's text is what `llm-done` announced."""
+    mine_of = {
+        i: [job_id for n, job_id in enumerate(ids) if n % len(sessions) == i]
+        for i in range(len(stack.watchers))
+    }
+
+    def ended(i: int) -> bool:  # llm-done / llm-error seen (a gap may still be held)
+        streams = stack.watchers[i].reassembly.streams
+        return all(
+            (st := streams.get(job_id)) is not None and (st.done or st.error) is not None
+            for job_id in mine_of[i]
+        )
+
+    with contextlib.suppress(TimeoutError):  # what is missing is reported below
+        async with asyncio.timeout(30):
+            while not all(ended(i) for i in mine_of):  # noqa: ASYNC110 - polls 4 watchers
+                await asyncio.sleep(0.1)
+    for i, watcher in enumerate(stack.watchers):
+        mine = mine_of[i]
+        for job_id in mine:
+            state = watcher.reassembly.streams.get(job_id)
+            problem = _check(state, stack.text)
+            if state is not None:
+                report.duplicates_dropped += state.duplicate_tokens
+            if problem is None:
+                report.subscriber_exact_live += 1
+                continue
+            if state is not None and _caught_up(state, stack.text):
+                report.subscriber_exact_after_catch_up += 1
+                continue
+            statuses = [] if state is None else [m.status for m in state.statuses]
+            report.subscriber_not_exact.append({"id": job_id, "why": problem, "statuses": statuses})
+
+
+def _caught_up(state: StreamReassembly, transcript: str) -> bool:
+    resumed = any(m.status == "resuming" for m in state.statuses)
+    content, _ = state.text()
+    done = state.done
+    return (
+        resumed
+        and done is not None
+        and state.error is None
+        and transcript.startswith(content)
+        and text_checksum(transcript) == done.content_sha256
+    )
 
 
 async def _kill_one_mid_stream(
@@ -190,9 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="60 requests")
+    parser.add_argument("--real", action="store_true", help="the real runner through Realtime")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    config = QueueSoakConfig(requests=60 if args.quick else args.requests, tokens=args.tokens)
+    config = QueueSoakConfig(
+        requests=60 if args.quick else args.requests, tokens=args.tokens, real=args.real
+    )
     from devstack.postgres import EmbeddedPostgres, apply_schema
 
     root = Path(tempfile.mkdtemp(prefix="soak-pg-"))

@@ -1,5 +1,9 @@
-"""The queue half of the short soak: `kill -9` of a worker process while it streams;
-another worker takes over and every request ends done with the exact transcript."""
+"""The queue half of the short soak, through the real worker: `llm-relay run` processes
+(real runner) relay to the local Realtime server through the fault proxy, with ack
+faults, upstream 429s and resets; one worker is killed with SIGKILL while it streams,
+another takes over. Every request must end done with the stored transcript equal to
+the upstream's text, and every independent subscriber must have every stream exact
+(live, or by the client rule's snapshot catch-up after the takeover)."""
 
 from __future__ import annotations
 
@@ -7,15 +11,27 @@ import pytest
 
 from bench.soak_queue import QueueSoakConfig, run_queue_soak
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
+    pytest.mark.timeout(150),
+]
 
 
-async def test_kill_9_mid_run_loses_no_request(database_url: str) -> None:
-    config = QueueSoakConfig(requests=48, tokens=80, delay_ms=10, concurrency=16, timeout_s=100)
+async def test_kill_9_mid_run_loses_no_request_and_every_stream_is_exact(
+    database_url: str,
+) -> None:
+    config = QueueSoakConfig(requests=40, tokens=100, concurrency=16, timeout_s=100, real=True)
     report = await run_queue_soak(database_url, config)
-    summary = {k: v for k, v in report.to_dict().items() if k != "lost"}
+    summary = {k: v for k, v in report.to_dict().items() if k not in ("lost", "config")}
     assert report.lost == [], (report.lost[:10], summary)
-    assert report.done_exact == 48, summary
+    assert report.subscriber_not_exact == [], (report.subscriber_not_exact[:10], summary)
+    assert report.done_exact == 40, summary
+    assert report.subscriber_exact_live + report.subscriber_exact_after_catch_up == 40, summary
+    # The chaos really happened: the kill hit streams in flight, another worker finished
+    # them, the proxy cut connections, the server and the upstream injected faults.
     assert report.killed_exit_code == -9, summary
-    # The kill really hit streams in flight, and they were finished by another worker.
     assert report.running_on_killed_worker > 0 and report.taken_over > 0, summary
+    assert report.proxy_cuts > 0 and sum(report.server_ack_faults.values()) > 0, summary
+    assert report.upstream_requests > 40, summary
