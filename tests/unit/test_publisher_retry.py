@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.relay.retry import Action, RetryPolicy, backoff_delay
+from worker.backoff import backoff_delay
+from worker.relay.retry import Action, RetryPolicy
 
 
 def test_backoff_doubles_with_equal_jitter_and_caps() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from worker.errors import ConfigError, UpstreamError
 from worker.upstream.client import combine_usage, estimate_usage, parse_fallbacks, parse_model_map
-from worker.upstream.retry import BreakerState, CircuitBreaker, RetryPolicy, backoff
+from worker.upstream.retry import BreakerState, CircuitBreaker, RetryPolicy
 
 
 def err(kind: str = "server_error", **kw: object) -> UpstreamError:
@@ -14,19 +14,11 @@ def err(kind: str = "server_error", **kw: object) -> UpstreamError:
 
 
 def test_backoff_doubles_with_equal_jitter_and_cap() -> None:
-    assert [backoff(n, base_s=1, cap_s=100, rng=lambda: 0.0) for n in range(4)] == [
-        0.5,
-        1.0,
-        2.0,
-        4.0,
-    ]
-    assert [backoff(n, base_s=1, cap_s=100, rng=lambda: 1.0) for n in range(4)] == [
-        1.0,
-        2.0,
-        4.0,
-        8.0,
-    ]
-    assert backoff(30, base_s=1, cap_s=10, rng=lambda: 1.0) == 10
+    policy = RetryPolicy(retries=10, base_s=1, cap_s=100, rng=lambda: 0.0)
+    assert [policy.delay_for(err(), n) for n in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    policy = RetryPolicy(retries=40, base_s=1, cap_s=10, rng=lambda: 1.0)
+    assert [policy.delay_for(err(), n) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
+    assert policy.delay_for(err(), 30) == 10
 
 
 def test_policy_classifies() -> None:

@@ -56,12 +56,13 @@ from pydantic import SecretStr
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime.types import RealtimeAcknowledgementStatus, RealtimeChannelOptions
 
+from worker.backoff import backoff_delay
 from worker.config import Settings
 from worker.errors import ConfigError, PublishError
 from worker.relay import metrics
 from worker.relay.batcher import Batch
 from worker.relay.budget import MessageBudget
-from worker.relay.retry import Action, RetryPolicy, backoff_delay
+from worker.relay.retry import Action, RetryPolicy
 from worker.relay.wire import EVENT_TOKEN, WIRE_VERSION, TokenMessage
 
 CLIENT_RECREATE_AFTER = 5  # consecutive connect failures (realtime-py's own give-up point)

@@ -18,23 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-
-def backoff_delay(
-    attempt: int,
-    *,
-    base_s: float,
-    cap_s: float,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Exponential backoff with "equal jitter": d/2 + U(0, d/2), d = min(cap, base * 2^(n-1)).
-
-    Half the delay is kept so that retries really back off; the random half spreads
-    the retries of many streams that failed together (one socket drop fails them all).
-    """
-    if attempt < 1:
-        return 0.0
-    ceiling = min(cap_s, base_s * 2.0 ** min(attempt - 1, 62))
-    return float(ceiling / 2 + rand() * ceiling / 2)
+from worker.backoff import backoff_delay
 
 
 class Action(Enum):

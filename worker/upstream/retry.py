@@ -1,6 +1,6 @@
 """Retry policy before the first token, and a circuit breaker per provider. Pure.
 
-One classifier (`RetryPolicy.delay_for`), one delay generator (`backoff`), and the
+One classifier (`RetryPolicy.delay_for`), the delay generator (`worker.backoff`), and the
 one loop lives in `client.py` (websockets' `process_exception` + `backoff` split).
 Time is passed in (`now`), randomness injected (`rng`), so tests need no clock.
 """
@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
+from worker.backoff import backoff_delay
 from worker.errors import UpstreamError
 
 RETRY_AFTER_JITTER = 0.1  # up to +10 %, so clients told the same Retry-After spread out
-
-
-def backoff(attempt: int, *, base_s: float, cap_s: float, rng: Callable[[], float]) -> float:
-    """Exponential backoff with "equal jitter": half fixed, half random, capped."""
-    ceiling: float = min(cap_s, base_s * 2.0**attempt)
-    return ceiling / 2 + rng() * ceiling / 2
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ class RetryPolicy:
             if error.retry_after_s > self.cap_s:
                 return None
             return error.retry_after_s * (1 + RETRY_AFTER_JITTER * self.rng())
-        return backoff(attempt, base_s=self.base_s, cap_s=self.cap_s, rng=self.rng)
+        return backoff_delay(attempt + 1, base_s=self.base_s, cap_s=self.cap_s, rand=self.rng)
 
 
 class BreakerState(enum.Enum):
