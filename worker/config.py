@@ -158,8 +158,8 @@ class Settings(BaseSettings):
         "stop",
         validation_alias=_env("RELAY_MIDSTREAM_RECOVERY"),
         description="When the upstream fails after tokens were relayed: `stop` (honest "
-        "incomplete end), `restart` (tell the client to reset, generate again) or "
-        "`continue` (ask the model to continue the partial text; never for tool calls).",
+        "incomplete end) or `continue` (ask the model to continue the partial text; never "
+        "for tool calls). `restart` is refused by the relay (contract v1 cannot reset).",
     )
     relay_midstream_max_recoveries: int = Field(
         1,

@@ -34,7 +34,7 @@ from typing import Any
 from loguru import logger
 
 from worker.config import Settings
-from worker.errors import PublishError, RelayError
+from worker.errors import ConfigError, PublishError, RelayError
 from worker.relay.batcher import Batch, Batcher
 from worker.relay.publisher import Publisher, StreamHandle
 from worker.relay.wire import EVENT_DONE, EVENT_ERROR, EVENT_STATUS, DoneMessage, text_checksum
@@ -239,6 +239,21 @@ class _Pump:
         return r
 
 
+def check_relay_settings(settings: Settings) -> None:
+    """Refuse settings the relay cannot honour with frontend contract v1.
+
+    `RELAY_MIDSTREAM_RECOVERY=restart` makes the upstream emit `Status("reset")` and
+    generate again from offset 0 of its text; contract v1 has no message that tells a
+    client to discard what it showed, so clients would splice two generations.
+    (`UpstreamClient` still offers `restart` to callers that own their client side.)
+    """
+    if settings.relay_midstream_recovery == "restart":
+        raise ConfigError(
+            "RELAY_MIDSTREAM_RECOVERY=restart is not supported by the relay: frontend "
+            "contract v1 cannot tell clients to discard shown text; use stop or continue"
+        )
+
+
 async def relay_stream(
     events: AsyncIterator[UpstreamEvent],
     *,
@@ -272,6 +287,7 @@ async def relay_stream(
         Whatever `on_checkpoint` raises; CancelledError; non-RelayError exceptions of
         the iterator (after publishing `llm-error`).
     """
+    check_relay_settings(settings)
     handle = publisher.stream(topic, stream_id, start_seq=start_seq)
     pump = _Pump(handle, settings, start_offset, start_content, start_reasoning)
     log = logger.bind(event="relay.stream", stream=stream_id, topic=topic)

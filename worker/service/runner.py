@@ -38,7 +38,7 @@ from worker.config import Settings
 from worker.errors import PublishError, UpstreamError
 from worker.jobs.models import Job, Snapshot
 from worker.relay.publisher import Publisher
-from worker.relay.stream import RelayResult, relay_stream
+from worker.relay.stream import RelayResult, check_relay_settings, relay_stream
 from worker.relay.stream import Snapshot as RelaySnapshot
 from worker.relay.wire import EVENT_ERROR
 from worker.service.context import Outcome, StreamContext, error_info
@@ -275,4 +275,5 @@ def build_runner(settings: Settings, **options: str) -> RelayRunner:
     """The default `--runner` of `llm-relay run` (no options)."""
     if options:
         raise ValueError(f"the relay runner takes no options, got {sorted(options)}")
+    check_relay_settings(settings)  # at start-up, not on the first request
     return RelayRunner(settings)
