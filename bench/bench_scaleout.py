@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=200, help="per worker")
+    parser.add_argument("--lease-s", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true", help="60 requests of 100 tokens")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 chaos=False,
                 workers=workers,
                 timeout_s=600,
+                lease_s=args.lease_s,
+                heartbeat_s=args.lease_s / 5,
             )
             report = asyncio.run(run_queue_soak(url, config))
             tokens = report.done_exact * args.tokens
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                     "workers": workers,
                     "done_exact": report.done_exact,
                     "lost": len(report.lost),
+                    "lost_sample": report.lost[:3],
+                    "taken_over": report.taken_over,
                     "subscriber_exact": report.subscriber_exact_live
                     + report.subscriber_exact_after_catch_up,
                     "relay_wall_s": report.relay_wall_s,

@@ -67,6 +67,8 @@ class QueueSoakConfig:
     tokens_per_second: float = 200.0
     seed: int = 3
     chaos: bool = True  # False: no faults, no kill (bench/bench_scaleout.py)
+    lease_s: float = 1.5  # short, so the takeover after the kill is quick
+    heartbeat_s: float = 0.3
     workers: int = 2
 
 
@@ -115,8 +117,8 @@ class Workers:
         env = {
             **os.environ,
             "DATABASE_URL": self.database_url,
-            "RELAY_LEASE_S": "1.5",
-            "RELAY_HEARTBEAT_INTERVAL_S": "0.3",
+            "RELAY_LEASE_S": str(self.config.lease_s),
+            "RELAY_HEARTBEAT_INTERVAL_S": str(self.config.heartbeat_s),
             "RELAY_CHECKPOINT_INTERVAL_S": "0.1",
             "RELAY_POLL_INTERVAL_S": "0.2",
             "RELAY_HTTP_PORT": "0",
