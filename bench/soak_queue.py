@@ -66,6 +66,10 @@ class QueueSoakConfig:
     sessions: int = 4
     tokens_per_second: float = 200.0
     seed: int = 3
+    chaos: bool = True  # False: no faults, no kill (bench/bench_scaleout.py)
+    lease_s: float = 1.5  # short, so the takeover after the kill is quick
+    heartbeat_s: float = 0.3
+    workers: int = 2
 
 
 @dataclass
@@ -84,6 +88,7 @@ class QueueSoakReport:
     proxy_cuts: int = 0
     upstream_requests: int = 0
     server_ack_faults: dict[str, int] = field(default_factory=dict)
+    relay_wall_s: float = 0.0  # from spawning the workers to every request final
     wall_s: float = 0.0
 
     @property
@@ -112,8 +117,8 @@ class Workers:
         env = {
             **os.environ,
             "DATABASE_URL": self.database_url,
-            "RELAY_LEASE_S": "1.5",
-            "RELAY_HEARTBEAT_INTERVAL_S": "0.3",
+            "RELAY_LEASE_S": str(self.config.lease_s),
+            "RELAY_HEARTBEAT_INTERVAL_S": str(self.config.heartbeat_s),
             "RELAY_CHECKPOINT_INTERVAL_S": "0.1",
             "RELAY_POLL_INTERVAL_S": "0.2",
             "RELAY_HTTP_PORT": "0",
@@ -166,7 +171,10 @@ async def _run_real(database_url: str, config: QueueSoakConfig) -> QueueSoakRepo
     await server.start()
     await upstream.start()
     try:
-        async with FaultProxy("127.0.0.1", server.port, seed=config.seed) as proxy:
+        cuts = (1.0, 2.0) if config.chaos else None
+        async with FaultProxy(
+            "127.0.0.1", server.port, cut_every_s=cuts, seed=config.seed
+        ) as proxy:
             env = {
                 "SUPABASE_URL": proxy.url,
                 "SUPABASE_SERVICE_ROLE_KEY": api_key("service_role"),
@@ -187,11 +195,12 @@ async def _run_real(database_url: str, config: QueueSoakConfig) -> QueueSoakRepo
                 "RELAY_GRACE_PERIOD_S": "1.0",
             }
             server.faults.ack_delay_s = 0.6
-            server.faults.ack_shares(
-                reject=0.04, drop=0.02, lose_reply=0.02, delay=0.02, seed=config.seed
-            )
+            if config.chaos:
+                server.faults.ack_shares(
+                    reject=0.04, drop=0.02, lose_reply=0.02, delay=0.02, seed=config.seed
+                )
             rng = random.Random(config.seed)
-            for _ in range(max(1, config.requests // 12)):
+            for _ in range(max(1, config.requests // 12) if config.chaos else 0):
                 upstream.faults.push(
                     Fault.rate_limit(retry_after_ms=50),
                     Fault.reset(after_tokens=rng.randint(3, max(4, config.tokens - 3))),
@@ -247,13 +256,19 @@ async def _run(
             ).id
             for i in range(config.requests)
         ]
-        workers.spawn("soak-a")
-        workers.spawn("soak-b")
-        await _kill_one_mid_stream(repo, ids, workers, config, report)
-        if stack is not None:
-            _rate_limit_shutdown(stack.server)
-        workers.spawn("soak-c")
+        spawned = time.monotonic()
+        if config.chaos:
+            workers.spawn("soak-a")
+            workers.spawn("soak-b")
+            await _kill_one_mid_stream(repo, ids, workers, config, report)
+            if stack is not None:
+                _rate_limit_shutdown(stack.server)
+            workers.spawn("soak-c")
+        else:
+            for n in range(config.workers):
+                workers.spawn(f"worker-{n}")
         await _wait_all_final(repo, ids, config.timeout_s - (time.monotonic() - started))
+        report.relay_wall_s = round(time.monotonic() - spawned, 2)
         expected = stack.text if stack else scripted_text(0, config.tokens)
         await _verify(repo, ids, expected, report)
         if stack is not None:
