@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 import httpx
+import psycopg
 
 from devstack import jwt
 from devstack.cli import add_stack_arguments, stack_options, wait_for_stop_signal
@@ -190,10 +191,48 @@ async def _with_worker(args: argparse.Namespace, settings: Settings, stack: DevS
             code = await _one_prompt(args, settings, stack)
         if not args.once:
             print(f"\nThe demo page is up: {stack.demo_page_url}  (Ctrl-C stops)", flush=True)
-            await wait_for_stop_signal()
+            assert stack.database_url is not None
+            view = asyncio.create_task(terminal_view(stack.database_url), name="demo-view")
+            try:
+                await wait_for_stop_signal()
+            finally:
+                view.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await view
         return code
     finally:
         await _stop_worker(worker, settings.relay_grace_period_s)
+
+
+VIEW_POLL_S = 0.5
+_VIEW_QUERY = """
+SELECT id::text, status, next_offset, finish_reason, error->>'type'
+FROM public.llm_requests
+WHERE updated_at > now() - interval '1 hour'
+ORDER BY created_at
+"""
+
+
+async def terminal_view(database_url: str) -> None:
+    """One line per change of any stream (page prompts included): status and tokens.
+
+    Reads the request table the worker checkpoints about once a second, as the
+    operator's superuser connection (the demo's own database).
+    """
+    seen: dict[str, tuple[str, int]] = {}
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        while True:
+            for rid, status, offset, finish, error in await (
+                await conn.execute(_VIEW_QUERY)
+            ).fetchall():
+                if seen.get(rid) == (status, offset):
+                    continue
+                seen[rid] = (status, offset)
+                tail = f" finish={finish}" if finish else ""
+                tail += f" error={error}" if error else ""
+                stamp = time.strftime("%H:%M:%S")
+                print(f"  {stamp}  stream {rid[:8]}  {status:<9} {offset:>6} tokens{tail}")
+            await asyncio.sleep(VIEW_POLL_S)
 
 
 def _free_port() -> int:
