@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from loguru import logger
 
 from worker.config import Settings
 from worker.errors import QueueError, UpstreamError
@@ -399,3 +400,23 @@ def test_stream_context_refuses_a_snapshot_going_backwards() -> None:
 
 
 _: StreamRunner = ScriptedRunner()  # the scripted runner satisfies the runner contract
+
+
+async def test_a_starved_loop_makes_the_heartbeat_warn_before_leases_expire() -> None:
+    repo = InMemoryJobRepository()
+    worker = Worker(
+        repo, ScriptedRunner(), fast_settings(relay_lease_s=2.05, relay_heartbeat_interval_s=0.05)
+    )
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        async with running(worker):
+            await wait_until(lambda: worker.ready)
+            await asyncio.sleep(0.1)
+            assert not any("heartbeat ran" in w for w in warnings)  # on time: silent
+            # Starve the event loop past half the lease's slack (1 s), as a CPU-bound
+            # process does: a blocking sleep is the point here.
+            time.sleep(1.5)  # noqa: ASYNC251
+            await wait_until(lambda: any("heartbeat ran" in w for w in warnings))
+    finally:
+        logger.remove(sink)

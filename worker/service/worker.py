@@ -410,8 +410,20 @@ class Worker:
         s = self._settings
         loop = asyncio.get_running_loop()
         last_ok = loop.time()
+        # Half the slack a lease leaves after one interval: later than that, a starved
+        # event loop is about to let leases expire (seen in bench/RESULTS.md, scale-out).
+        late_warning_s = (s.relay_lease_s - s.relay_heartbeat_interval_s) / 2
         while True:
+            slept_from = loop.time()
             await asyncio.sleep(s.relay_heartbeat_interval_s)
+            late = loop.time() - slept_from - s.relay_heartbeat_interval_s
+            if late > late_warning_s:
+                self._log.warning(
+                    "lease heartbeat ran {:.1f} s late: the event loop is starved and leases "
+                    "({:g} s) may expire; lower RELAY_CONCURRENCY or add workers",
+                    late,
+                    s.relay_lease_s,
+                )
             ids = [i for i, a in self._active.items() if a.ctx is not None and not a.settling]
             try:
                 held = await self._repo.heartbeat(
