@@ -164,7 +164,6 @@ async def test_refused_upgrades_make_realtime_py_give_up(
 
 # realtime-py 2.34.1 reads ConnectionClosed.code/.reason on abnormal closes, which
 # websockets 15 deprecates; under `filterwarnings = error` its reconnect task dies silently.
-@pytest.mark.filterwarnings("ignore:ConnectionClosed.*is deprecated:DeprecationWarning")
 async def test_realtime_py_reconnects_and_rejoins_after_1012(anon_key: str) -> None:
     server = RealtimeServer()  # real time: no idle close during the test
     await server.start()

@@ -24,7 +24,6 @@ from worker.upstream.events import Finished, Token, UpstreamEvent
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
 ]
 
 

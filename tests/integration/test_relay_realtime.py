@@ -28,7 +28,6 @@ pytestmark = [
     # realtime-py 2.34.1 reads ConnectionClosed.code (deprecated in websockets 13.1) when
     # the server closes the socket; under `filterwarnings = error` that would kill its
     # listen task, which never happens in production (DeprecationWarning is ignored).
-    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
 ]
 
 TIME_SCALE = 0.01  # server delays (2 s / 5 s backoffs) become 20 / 50 ms

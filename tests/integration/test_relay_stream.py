@@ -19,7 +19,6 @@ from worker.upstream.events import Token, UpstreamEvent
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
 ]
 TIME_SCALE = 0.01
 

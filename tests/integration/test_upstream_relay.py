@@ -23,7 +23,6 @@ from worker.upstream.events import GenerationRequest
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
 ]
 
 TEXT = "Relayed end to end: every token, exactly once — 🦀 世界 included.\n"

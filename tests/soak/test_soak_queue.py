@@ -14,7 +14,6 @@ from bench.soak_queue import QueueSoakConfig, run_queue_soak
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
     pytest.mark.timeout(150),
 ]
 

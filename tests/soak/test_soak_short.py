@@ -16,7 +16,6 @@ pytestmark = [
     pytest.mark.slow,
     # realtime-py 2.34.1 reads ConnectionClosed.code (deprecated in websockets 13.1) when
     # a socket is cut; under `filterwarnings = error` that would kill its listen task.
-    pytest.mark.filterwarnings("ignore:ConnectionClosed.* is deprecated:DeprecationWarning"),
     pytest.mark.timeout(150),
 ]
 
