@@ -11,11 +11,25 @@ from pathlib import Path
 import pytest
 
 from devstack.postgres import EmbeddedPostgres, apply_schema, with_database
+from worker.config import Settings
 
 TEMPLATE_DB = "relay_template"
 
 # One time unit for sleeps and timeouts in tests; raise it on a slow machine.
 MS = float(os.environ.get("RELAY_TEST_MS", "0.001"))
+
+
+_OUR_ENV = ("RELAY_", "SUPABASE_", "OPENAI_", "GROQ_", "DATABASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's `.env` or exported keys (the README suggests
+    `llm-relay devstack > .env`): Settings come from what each test sets."""
+    monkeypatch.setitem(Settings.model_config, "env_file", None)
+    for name in list(os.environ):
+        if name.startswith(_OUR_ENV):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
