@@ -149,6 +149,10 @@ def combine_usage(parts: list[tuple[dict[str, Any], bool]]) -> tuple[dict[str, A
     return total, any(estimated for _, estimated in parts)
 
 
+POOL_HEADROOM = 16  # connections beyond RELAY_CONCURRENCY
+MAX_IDLE_CONNECTIONS = 64  # kept alive between generations
+
+
 class UpstreamClient:
     """Streams chat completions from OpenAI / Groq as typed events.
 
@@ -172,7 +176,15 @@ class UpstreamClient:
         connect = settings.relay_connect_timeout_s
         # Reads are bounded by our own first-token / idle / total deadlines.
         timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        # One streaming response holds one connection for its whole life: httpx's default
+        # pool (100) made stream 101 of RELAY_CONCURRENCY fail with PoolTimeout
+        # (bench/RESULTS.md 4b). The concurrency cap is the real bound; the headroom
+        # covers a fallback or continuation opened while a closing stream lets go.
+        limits = httpx.Limits(
+            max_connections=settings.relay_concurrency + POOL_HEADROOM,
+            max_keepalive_connections=min(settings.relay_concurrency, MAX_IDLE_CONNECTIONS),
+        )
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits)
         policy_kwargs: dict[str, Any] = {} if rng is None else {"rng": rng}
         self.policy = RetryPolicy(
             retries=settings.relay_upstream_retries,
