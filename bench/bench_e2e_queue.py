@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     BENCH_KEY,
@@ -51,6 +51,9 @@ from bench.common import (
     percentile,
     stack,
 )
+
+if TYPE_CHECKING:
+    from worker.relay.reassembly import StreamReassembly
 
 USER = "6f1b1c1e-0000-4000-8000-0000000000e9"
 CHANNELS_PER_CLIENT = 50
@@ -102,11 +105,7 @@ async def _subscriber(args: argparse.Namespace, sessions: list[str]) -> dict[str
             if "SUBSCRIBED" not in outcome:
                 raise RuntimeError(f"join llm-token:{session}: {outcome}")
     print("READY", flush=True)
-    deadline = time.monotonic() + args.seconds * 4 + 900
-    while time.monotonic() < deadline:
-        if len(states) == len(sessions) and all(s.complete for s in states.values()):
-            break
-        await asyncio.sleep(0.1)
+    await _wait_streams(states, len(sessions), Path(args.stop), args.seconds * 4 + 900)
     for client in clients:
         with contextlib.suppress(Exception):
             await client.close()
@@ -114,10 +113,37 @@ async def _subscriber(args: argparse.Namespace, sessions: list[str]) -> dict[str
     return {
         "cpu_s": time.process_time(),
         "exact": exact,
+        "errors": _error_counts(states),
         "messages": messages,
         "tokens": sum(s.next_offset for s in states.values()),
         "received": {k: {str(o): t for o, t in v.items()} for k, v in received.items()},
     }
+
+
+async def _wait_streams(
+    states: dict[str, StreamReassembly], n: int, stop: Path, within_s: float
+) -> None:
+    """Until every stream is complete, or once the bench says every request is final
+    (a failed request may never send a message) and late messages had 2 s."""
+    deadline = time.monotonic() + within_s
+    stop_seen: float | None = None
+    while time.monotonic() < deadline:
+        if len(states) == n and all(s.complete for s in states.values()):
+            return
+        if stop_seen is None and await asyncio.to_thread(stop.exists):
+            stop_seen = time.monotonic()
+        if stop_seen is not None and time.monotonic() - stop_seen > 2.0:
+            return
+        await asyncio.sleep(0.1)
+
+
+def _error_counts(states: dict[str, StreamReassembly]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for state in states.values():
+        if state.error is not None:
+            key = f"{state.error.type}: {state.error.message}"[:120]
+            errors[key] = errors.get(key, 0) + 1
+    return errors
 
 
 # --- orchestration -----------------------------------------------------------------
@@ -211,6 +237,7 @@ def run_level(
     sessions = asyncio.run(_create_sessions(database_url, streams))
     sessions_file, sub_out = tmp / f"sessions-{streams}.json", tmp / f"sub-{streams}.json"
     sessions_file.write_text(json.dumps(sessions))
+    stop = tmp / f"sub-{streams}.stop"
     timeout = args.seconds * 6 + 900
     log = (tmp / f"worker-{streams}.log").open("wb")
     worker = subprocess.Popen(
@@ -222,7 +249,7 @@ def run_level(
     sub = subprocess.Popen(
         [
             *(sys.executable, "-m", "bench.bench_e2e_queue", "--role", "subscriber"),
-            *("--sessions", str(sessions_file), "--out", str(sub_out)),
+            *("--sessions", str(sessions_file), "--out", str(sub_out), "--stop", str(stop)),
             *("--realtime-url", s.realtime_url, "--token", user_token(USER)),
             *("--seconds", str(args.seconds)),
         ],
@@ -242,6 +269,7 @@ def run_level(
         cpu = cpu_seconds(worker.pid) - cpu0
         stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in s.pids.items()}
         rss_kb = _peak_rss_kb(worker.pid)
+        stop.touch()
         sub.wait(timeout=120)
     finally:
         _stop(sub)
@@ -276,10 +304,14 @@ def _figures(
         if span > 0:
             rates.append((len(got) - 1) / span)
     tokens = r["tokens"]
+    statuses: dict[str, int] = {}
+    for status in final.values():
+        statuses[status] = statuses.get(status, 0) + 1
     return {
         "streams": streams,
         "exact": r["exact"],
-        "done": sum(1 for v in final.values() if v == "done"),
+        "final_statuses": statuses,
+        "errors": r["errors"],
         "not_final": len(submitted) - len(final),
         "tokens": tokens,
         "wall_s": round(wall, 1),
@@ -338,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     # internal: the subscriber process
     parser.add_argument("--role", choices=["subscriber"])
-    for flag in ("--sessions", "--realtime-url", "--token"):
+    for flag in ("--sessions", "--realtime-url", "--token", "--stop"):
         parser.add_argument(flag)
     args = parser.parse_args(argv)
     from worker.logs import configure_logging
