@@ -61,9 +61,12 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float) -> 
 
 
 @contextlib.contextmanager
-def stack(text: str, *, tokens_per_second: float = 0.0) -> Iterator[Stack]:
+def stack(
+    text: str, *, tokens_per_second: float = 0.0, database_url: str | None = None
+) -> Iterator[Stack]:
     """The simulated upstream and the local Realtime server, each in its own process,
-    with the Realtime quotas lifted (the benches meter their own budget)."""
+    with the Realtime quotas lifted (the benches meter their own budget). With
+    `database_url` the Realtime server authorizes private channels by RLS there."""
     procs: list[subprocess.Popen[str]] = []
     try:
         up = subprocess.Popen(
@@ -82,6 +85,7 @@ def stack(text: str, *, tokens_per_second: float = 0.0) -> Iterator[Stack]:
                 *(sys.executable, "-m", "devstack.realtime", "--port", "0"),
                 *("--max-events-per-second", "100000000", "--max-joins-per-second", "100000"),
                 *("--max-concurrent-users", "100000", "--max-channels-per-client", "100000"),
+                *(("--database-url", database_url) if database_url else ()),
             ],
             stdout=subprocess.PIPE,
             text=True,

@@ -1,0 +1,395 @@
+"""End to end through `llm-relay run`: the queue, one real worker process, the local
+Realtime server and independent subscribers (issue 9).
+
+    python -m bench.bench_e2e_queue [--quick] [--levels 1,100] [--seconds 5]
+
+Processes: the embedded PostgreSQL (migrated), the simulated upstream (paced at
+`--rate` tok/s per stream), the local Realtime server (quotas lifted, private
+channels authorized by RLS on that database), one `python -m worker run` process
+per level (the real runner; `RELAY_CONCURRENCY` >= streams, the message quota
+lifted as `bench_e2e` does) and one *subscriber* process (realtime-py clients
+under the user's JWT, one private channel per session, client rule by offset).
+This process creates one session per stream and submits the requests the way a
+frontend does (`create_session_as`, `submit_as` under RLS), then waits for every
+request to be final.
+
+The simulated upstream does not report when it emitted a token, so the per-token
+figure is not "receipt − emit". Measured instead (all `time.monotonic`,
+system-wide on Linux):
+- first token from submit: subscriber receipt of offset 0 − return of `submit_as`
+  (includes the NOTIFY/claim, the upstream request and its first chunk);
+- lag behind pace: receipt of offset k − (receipt of offset 0 + k / rate), i.e. how
+  far a token arrives behind the upstream's paced schedule anchored at the first
+  receipt (the batcher's wait, the worker's and the server's queues);
+- worker CPU per token: utime + stime of the worker process (/proc) over the level;
+- worker peak RSS: VmHWM of the worker process at the end of the level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.common import (
+    BENCH_KEY,
+    Stack,
+    cpu_seconds,
+    long_text,
+    machine,
+    median,
+    percentile,
+    stack,
+)
+
+if TYPE_CHECKING:
+    from worker.relay.reassembly import StreamReassembly
+
+USER = "6f1b1c1e-0000-4000-8000-0000000000e9"
+CHANNELS_PER_CLIENT = 50
+WORKER_START_S = 5.0  # a cold interpreter connecting to Postgres and Realtime
+
+
+# --- subscriber role -------------------------------------------------------------
+
+
+async def _subscriber(args: argparse.Namespace, sessions: list[str]) -> dict[str, Any]:
+    from realtime import AsyncRealtimeClient
+
+    from worker.relay.reassembly import StreamReassembly
+    from worker.relay.wire import TokenMessage, parse_message
+
+    received: dict[str, dict[int, float]] = {}
+    states: dict[str, StreamReassembly] = {}
+    clients: list[AsyncRealtimeClient] = []
+    messages = 0
+
+    def on_message(payload: Any) -> None:
+        nonlocal messages
+        now = time.monotonic()
+        messages += 1
+        msg = parse_message(payload["event"], payload["payload"])
+        if isinstance(msg, TokenMessage):
+            seen = received.setdefault(msg.stream, {})
+            for k in range(msg.offset, msg.end_offset):
+                seen.setdefault(k, now)
+        states.setdefault(msg.stream, StreamReassembly(msg.stream)).apply(msg)
+
+    url = args.realtime_url + "/realtime/v1"
+    private: Any = {"config": {"private": True}}
+    for start in range(0, len(sessions), CHANNELS_PER_CLIENT):
+        client = AsyncRealtimeClient(url, token=args.token)
+        await client.connect()
+        clients.append(client)
+        for session in sessions[start : start + CHANNELS_PER_CLIENT]:
+            channel = client.channel(f"llm-token:{session}", private)
+            channel.on_broadcast("*", on_message)
+            joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            def on_state(state: Any, err: Any, fut: asyncio.Future[str] = joined) -> None:
+                if not fut.done():
+                    fut.set_result(f"{state} {err or ''}")
+
+            await channel.subscribe(on_state)
+            outcome = await asyncio.wait_for(joined, 30)
+            if "SUBSCRIBED" not in outcome:
+                raise RuntimeError(f"join llm-token:{session}: {outcome}")
+    print("READY", flush=True)
+    await _wait_streams(states, len(sessions), Path(args.stop), args.seconds * 4 + 900)
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.close()
+    exact = sum(1 for s in states.values() if s.complete and s.checksums_match())
+    return {
+        "cpu_s": time.process_time(),
+        "exact": exact,
+        "errors": _error_counts(states),
+        "messages": messages,
+        "tokens": sum(s.next_offset for s in states.values()),
+        "received": {k: {str(o): t for o, t in v.items()} for k, v in received.items()},
+    }
+
+
+async def _wait_streams(
+    states: dict[str, StreamReassembly], n: int, stop: Path, within_s: float
+) -> None:
+    """Until every stream is complete, or once the bench says every request is final
+    (a failed request may never send a message) and late messages had 2 s."""
+    deadline = time.monotonic() + within_s
+    stop_seen: float | None = None
+    while time.monotonic() < deadline:
+        if len(states) == n and all(s.complete for s in states.values()):
+            return
+        if stop_seen is None and await asyncio.to_thread(stop.exists):
+            stop_seen = time.monotonic()
+        if stop_seen is not None and time.monotonic() - stop_seen > 2.0:
+            return
+        await asyncio.sleep(0.1)
+
+
+def _error_counts(states: dict[str, StreamReassembly]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for state in states.values():
+        if state.error is not None:
+            key = f"{state.error.type}: {state.error.message}"[:120]
+            errors[key] = errors.get(key, 0) + 1
+    return errors
+
+
+# --- orchestration -----------------------------------------------------------------
+
+
+def _worker_env(
+    s: Stack, args: argparse.Namespace, database_url: str, streams: int
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "SUPABASE_URL": s.realtime_url,
+        "SUPABASE_SERVICE_ROLE_KEY": s.service_key,
+        "OPENAI_BASE_URL": s.upstream_url,
+        "OPENAI_API_KEY": BENCH_KEY,
+        "RELAY_PROVIDER": "openai",
+        "RELAY_MESSAGES_PER_SECOND": "1000000",  # a quota that does not bind (as bench_e2e)
+        "RELAY_CONCURRENCY": str(max(streams, 1)),
+        "RELAY_HTTP_PORT": "0",
+        "RELAY_LOG_LEVEL": "WARNING",
+        "RELAY_DRAIN_TIMEOUT_S": "120",
+        "RELAY_FIRST_TOKEN_TIMEOUT_S": "120",
+        "RELAY_IDLE_TIMEOUT_S": "120",
+    }
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _submit_and_wait(
+    database_url: str, sessions: list[str], timeout_s: float
+) -> tuple[dict[str, float], dict[str, str], float]:
+    """Submits one request per session under the user's JWT; returns the submit time
+    per request id, the final status per id, and the wall time to all final."""
+    from worker.jobs import NewRequest, PostgresJobRepository
+
+    repo = PostgresJobRepository.from_url(database_url, pool_size=4)
+    submitted: dict[str, float] = {}
+    final: dict[str, str] = {}
+    try:
+        started = time.monotonic()
+
+        async def one(i: int, session: str) -> None:
+            request = NewRequest([{"role": "user", "content": f"e2e {i}"}], session_id=session)
+            sub = await repo.submit_as(USER, request)
+            submitted[sub.id] = time.monotonic()
+
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(sessions)))
+        with contextlib.suppress(TimeoutError):  # what is not final is reported
+            async with asyncio.timeout(timeout_s):
+                while len(final) < len(submitted):
+                    for job_id in submitted.keys() - final.keys():
+                        record = await repo.get(job_id)
+                        if record is not None and record.status not in ("queued", "running"):
+                            final[job_id] = record.status
+                    await asyncio.sleep(0.2)
+        return submitted, final, time.monotonic() - started
+    finally:
+        await repo.close()
+
+
+async def _create_sessions(database_url: str, n: int) -> list[str]:
+    from worker.jobs import PostgresJobRepository
+
+    repo = PostgresJobRepository.from_url(database_url, pool_size=2)
+    try:
+        return [await repo.create_session_as(USER) for _ in range(n)]
+    finally:
+        await repo.close()
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_level(
+    s: Stack, args: argparse.Namespace, database_url: str, streams: int, tmp: Path
+) -> dict[str, Any]:
+    from devstack.jwt import user_token
+
+    sessions = asyncio.run(_create_sessions(database_url, streams))
+    sessions_file, sub_out = tmp / f"sessions-{streams}.json", tmp / f"sub-{streams}.json"
+    sessions_file.write_text(json.dumps(sessions))
+    stop = tmp / f"sub-{streams}.stop"
+    timeout = args.seconds * 6 + 900
+    log = (tmp / f"worker-{streams}.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--worker-id", f"e2e-{streams}"],
+        env=_worker_env(s, args, database_url, streams),
+        cwd=tmp,
+        stderr=log,
+    )
+    sub = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "bench.bench_e2e_queue", "--role", "subscriber"),
+            *("--sessions", str(sessions_file), "--out", str(sub_out), "--stop", str(stop)),
+            *("--realtime-url", s.realtime_url, "--token", user_token(USER)),
+            *("--seconds", str(args.seconds)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sub.stdout is not None
+        if sub.stdout.readline().strip() != "READY":
+            raise RuntimeError("subscriber did not start")
+        time.sleep(max(0.0, WORKER_START_S))
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited {worker.returncode}, see {log.name}")
+        stack_cpu0 = {name: cpu_seconds(pid) for name, pid in s.pids.items()}
+        cpu0 = cpu_seconds(worker.pid)
+        submitted, final, wall = asyncio.run(_submit_and_wait(database_url, sessions, timeout))
+        cpu = cpu_seconds(worker.pid) - cpu0
+        stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in s.pids.items()}
+        rss_kb = _peak_rss_kb(worker.pid)
+        stop.touch()
+        sub.wait(timeout=120)
+    finally:
+        _stop(sub)
+        _stop(worker)
+        log.close()
+    r = json.loads(sub_out.read_text())
+    return _figures(args, streams, submitted, final, wall, cpu, rss_kb, r, stack_cpu)
+
+
+def _figures(
+    args: argparse.Namespace,
+    streams: int,
+    submitted: dict[str, float],
+    final: dict[str, str],
+    wall: float,
+    cpu: float,
+    rss_kb: int,
+    r: dict[str, Any],
+    stack_cpu: dict[str, float],
+) -> dict[str, Any]:
+    lags: list[float] = []
+    first: list[float] = []
+    rates: list[float] = []
+    for job_id, at in submitted.items():
+        got = r["received"].get(job_id, {})
+        if "0" not in got:
+            continue
+        t0 = got["0"]
+        first.append(t0 - at)
+        lags.extend(t - t0 - int(k) / args.rate for k, t in got.items())
+        span = max(got.values()) - t0
+        if span > 0:
+            rates.append((len(got) - 1) / span)
+    tokens = r["tokens"]
+    statuses: dict[str, int] = {}
+    for status in final.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "streams": streams,
+        "exact": r["exact"],
+        "final_statuses": statuses,
+        "errors": r["errors"],
+        "not_final": len(submitted) - len(final),
+        "tokens": tokens,
+        "wall_s": round(wall, 1),
+        "offered_tok_per_s": streams * args.rate,
+        "achieved_tok_per_s": round(tokens / wall, 1) if wall else 0.0,
+        "stream_tok_per_s_p50": round(median(rates), 1),
+        "stream_tok_per_s_min": round(min(rates, default=0.0), 1),
+        "worker_cpu_s": round(cpu, 2),
+        "worker_cpu_us_per_token": round(cpu / max(1, tokens) * 1e6, 1),
+        "worker_cpu_utilization": round(cpu / wall, 2) if wall else 0.0,
+        "lag_behind_pace_p50_ms": round(percentile(lags, 50) * 1000, 1),
+        "lag_behind_pace_p99_ms": round(percentile(lags, 99) * 1000, 1),
+        "first_token_from_submit_p50_ms": round(median(first) * 1000, 1),
+        "first_token_from_submit_p99_ms": round(percentile(first, 99) * 1000, 1),
+        "messages_per_token": round(r["messages"] / max(1, tokens), 4),
+        "worker_rss_peak_mb": round(rss_kb / 1024, 1),
+        "cpu_s": {
+            "subscriber": round(r["cpu_s"], 1),
+            **{name: round(v, 1) for name, v in stack_cpu.items()},
+        },
+    }
+
+
+def _run_all(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
+    from devstack.postgres import EmbeddedPostgres, apply_schema
+    from devstack.upstream.tokens import tokenize
+
+    n_tokens = int(args.rate * args.seconds)
+    report: dict[str, Any] = {"machine": machine(), "rate": args.rate, "seconds": args.seconds}
+    text = long_text(n_tokens)
+    report["tokens_per_stream"] = len(tokenize(text))
+    report["levels"] = []
+    root = Path(tempfile.mkdtemp(prefix="bench-e2e-queue-"))
+    pg = EmbeddedPostgres(root / "data")
+    pg.start()
+    try:
+        url = pg.create_database("e2e_queue")
+        apply_schema(url)
+        with stack(text, tokens_per_second=args.rate, database_url=url) as s:
+            for streams in levels:
+                level = run_level(s, args, url, streams, root)
+                print(json.dumps(level), file=sys.stderr, flush=True)
+                report["levels"].append(level)
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_e2e_queue", description=__doc__)
+    parser.add_argument("--levels", default="1,100,1000")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each stream")
+    parser.add_argument("--rate", type=float, default=100.0, help="tokens/s per stream")
+    parser.add_argument("--quick", action="store_true", help="levels 1 and 20, 2 s streams")
+    parser.add_argument("--out")
+    # internal: the subscriber process
+    parser.add_argument("--role", choices=["subscriber"])
+    for flag in ("--sessions", "--realtime-url", "--token", "--stop"):
+        parser.add_argument(flag)
+    args = parser.parse_args(argv)
+    from worker.logs import configure_logging
+
+    configure_logging(level="ERROR")
+    if args.role is not None:
+        sessions = json.loads(Path(args.sessions).read_text())
+        result = asyncio.run(_subscriber(args, sessions))
+        Path(args.out).write_text(json.dumps(result))
+        return 0
+    if args.quick:
+        args.levels, args.seconds = "1,20", 2.0
+    report = _run_all(args, [int(x) for x in args.levels.split(",") if x])
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
