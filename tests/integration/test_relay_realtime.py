@@ -4,13 +4,12 @@ independent realtime-py subscriber applying the client rule (exact reassembly)."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import REGISTRY
 
 from devstack.jwt import api_key
-from devstack.realtime import RealtimeServer, Timings
+from devstack.realtime import RealtimeServer
 from tests.integration.relay_harness import (
     Subscriber,
     publisher_sockets,
@@ -25,32 +24,7 @@ from worker.upstream.events import Status
 
 pytestmark = [
     pytest.mark.integration,
-    # realtime-py 2.34.1 reads ConnectionClosed.code (deprecated in websockets 13.1) when
-    # the server closes the socket; under `filterwarnings = error` that would kill its
-    # listen task, which never happens in production (DeprecationWarning is ignored).
 ]
-
-TIME_SCALE = 0.01  # server delays (2 s / 5 s backoffs) become 20 / 50 ms
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[RealtimeServer]:
-    # Scaled, the 60 s idle close would hit realtime-py's 25 s heartbeats: keep it real.
-    srv = RealtimeServer(time_scale=TIME_SCALE, timings=Timings(idle_timeout_s=60 / TIME_SCALE))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
-@pytest.fixture
-async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
-    sub = Subscriber(server, api_key("anon"))
-    try:
-        yield sub
-    finally:
-        await sub.close()
 
 
 def metric(name: str, **labels: str) -> float:

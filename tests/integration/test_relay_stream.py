@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from devstack.jwt import api_key
-from devstack.realtime import RealtimeServer, Timings
+from devstack.realtime import RealtimeServer
 from tests.integration.relay_harness import Subscriber, relay_settings, token_source, words
 from worker.errors import QueueError, UpstreamError
 from worker.relay.publisher import Publisher
@@ -20,26 +20,6 @@ from worker.upstream.events import Token, UpstreamEvent
 pytestmark = [
     pytest.mark.integration,
 ]
-TIME_SCALE = 0.01
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[RealtimeServer]:
-    srv = RealtimeServer(time_scale=TIME_SCALE, timings=Timings(idle_timeout_s=60 / TIME_SCALE))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
-@pytest.fixture
-async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
-    sub = Subscriber(server, api_key("anon"))
-    try:
-        yield sub
-    finally:
-        await sub.close()
 
 
 async def failing_source(n: int) -> AsyncIterator[UpstreamEvent]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from devstack.jwt import api_key
-from devstack.realtime import RealtimeServer, Timings
+from devstack.realtime import RealtimeServer
 from devstack.upstream import Fault, SimulatedUpstream, tokenize
 from tests.integration.relay_harness import Subscriber, relay_settings
 from worker.errors import UpstreamError
@@ -27,26 +27,6 @@ pytestmark = [
 
 TEXT = "Relayed end to end: every token, exactly once — 🦀 世界 included.\n"
 KEY = "sk-devstack"
-TIME_SCALE = 0.01
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[RealtimeServer]:
-    srv = RealtimeServer(time_scale=TIME_SCALE, timings=Timings(idle_timeout_s=60 / TIME_SCALE))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
-@pytest.fixture
-async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
-    sub = Subscriber(server, api_key("anon"))
-    try:
-        yield sub
-    finally:
-        await sub.close()
 
 
 @pytest.fixture
