@@ -22,6 +22,11 @@ MS = float(os.environ.get("RELAY_TEST_MS", "0.001"))
 _OUR_ENV = ("RELAY_", "SUPABASE_", "OPENAI_", "GROQ_", "DATABASE_URL")
 
 
+def env_without_ours() -> dict[str, str]:
+    """This process's environment minus our settings, for subprocesses under test."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_OUR_ENV)}
+
+
 @pytest.fixture(autouse=True)
 def isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's `.env` or exported keys (the README suggests

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ import pytest
 
 from devstack.demo import DEMO_REASONING, DEMO_TEXT
 from tests.browser.conftest import _browser
+from tests.conftest import env_without_ours
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 PROMPT = "How do tokens travel? (ünïcödé, 東京)"
@@ -25,11 +25,7 @@ READY_LINE = "The demo page is up: "
 
 @pytest.fixture
 async def demo_page_url(tmp_path: Path) -> AsyncIterator[str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "GROQ_", "SUPABASE_", "RELAY_", "DATABASE_URL"))
-    }
+    env = env_without_ours()
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "worker", "demo", "--no-prompt", "--port", "0"),
         *("--upstream-port", "0", "--tokens-per-second", "300", "--data-dir", str(tmp_path)),

@@ -3,7 +3,6 @@ shows the text an independent subscriber received, equal to the stored transcrip
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -12,17 +11,14 @@ from pathlib import Path
 import pytest
 
 from devstack.demo import DEMO_TEXT
+from tests.conftest import env_without_ours
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_once_streams_exact_text_to_a_subscriber() -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "GROQ_", "SUPABASE_", "RELAY_", "DATABASE_URL"))
-    }
+    env = env_without_ours()
     with tempfile.TemporaryDirectory(prefix="llm-relay-demo-") as data_dir:
         proc = subprocess.run(
             [
