@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import resource
@@ -34,8 +33,11 @@ from typing import Any
 
 from bench.common import (
     BENCH_KEY,
+    Receipts,
     Stack,
+    close_clients,
     cpu_seconds,
+    join_channels,
     long_text,
     machine,
     median,
@@ -43,7 +45,6 @@ from bench.common import (
     stack,
 )
 
-CHANNELS_PER_CLIENT = 50
 PUBLIC: Any = {"config": {"private": False}}
 
 
@@ -134,58 +135,19 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _subscriber(args: argparse.Namespace) -> dict[str, Any]:
-    from realtime import AsyncRealtimeClient
-
-    from worker.relay.reassembly import StreamReassembly
-    from worker.relay.wire import TokenMessage, parse_message
-
-    received: dict[str, dict[int, float]] = {}
-    states: dict[str, StreamReassembly] = {}
-    clients: list[AsyncRealtimeClient] = []
-    messages = 0
-
-    def on_message(payload: Any) -> None:
-        nonlocal messages
-        now = time.monotonic()
-        messages += 1
-        msg = parse_message(payload["event"], payload["payload"])
-        if isinstance(msg, TokenMessage):
-            seen = received.setdefault(msg.stream, {})
-            for k in range(msg.offset, msg.end_offset):
-                seen.setdefault(k, now)
-        states.setdefault(msg.stream, StreamReassembly(msg.stream)).apply(msg)
-
+    receipts = Receipts()
+    topics = [_topic(i) for i in range(args.streams)]
     url = args.realtime_url + "/realtime/v1"
-    for start in range(0, args.streams, CHANNELS_PER_CLIENT):
-        client = AsyncRealtimeClient(url, token=args.anon_key)
-        await client.connect()
-        clients.append(client)
-        for i in range(start, min(args.streams, start + CHANNELS_PER_CLIENT)):
-            channel = client.channel(_topic(i), PUBLIC)
-            channel.on_broadcast("*", on_message)
-            joined = asyncio.Event()
-
-            def on_state(state: Any, err: Any, ev: asyncio.Event = joined) -> None:
-                ev.set()
-
-            await channel.subscribe(on_state)
-            await asyncio.wait_for(joined.wait(), 30)
+    clients = await join_channels(url, args.anon_key, topics, PUBLIC, receipts.on_message)
     print("READY", flush=True)
     deadline = time.monotonic() + args.seconds * 4 + 900
+    states = receipts.states
     while time.monotonic() < deadline:
         if len(states) == args.streams and all(s.complete for s in states.values()):
             break
         await asyncio.sleep(0.1)
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await client.close()
-    exact = sum(1 for s in states.values() if s.complete and s.checksums_match())
-    return {
-        "cpu_s": time.process_time(),
-        "exact": exact,
-        "messages": messages,
-        "received": {k: {str(o): t for o, t in v.items()} for k, v in received.items()},
-    }
+    await close_clients(clients)
+    return receipts.report()
 
 
 # --- orchestration -----------------------------------------------------------------

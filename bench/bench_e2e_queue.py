@@ -43,8 +43,11 @@ from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     BENCH_KEY,
+    Receipts,
     Stack,
+    close_clients,
     cpu_seconds,
+    join_channels,
     long_text,
     machine,
     median,
@@ -56,7 +59,6 @@ if TYPE_CHECKING:
     from worker.relay.reassembly import StreamReassembly
 
 USER = "6f1b1c1e-0000-4000-8000-0000000000e9"
-CHANNELS_PER_CLIENT = 50
 WORKER_START_S = 5.0  # a cold interpreter connecting to Postgres and Realtime
 
 
@@ -64,59 +66,19 @@ WORKER_START_S = 5.0  # a cold interpreter connecting to Postgres and Realtime
 
 
 async def _subscriber(args: argparse.Namespace, sessions: list[str]) -> dict[str, Any]:
-    from realtime import AsyncRealtimeClient
-
-    from worker.relay.reassembly import StreamReassembly
-    from worker.relay.wire import TokenMessage, parse_message
-
-    received: dict[str, dict[int, float]] = {}
-    states: dict[str, StreamReassembly] = {}
-    clients: list[AsyncRealtimeClient] = []
-    messages = 0
-
-    def on_message(payload: Any) -> None:
-        nonlocal messages
-        now = time.monotonic()
-        messages += 1
-        msg = parse_message(payload["event"], payload["payload"])
-        if isinstance(msg, TokenMessage):
-            seen = received.setdefault(msg.stream, {})
-            for k in range(msg.offset, msg.end_offset):
-                seen.setdefault(k, now)
-        states.setdefault(msg.stream, StreamReassembly(msg.stream)).apply(msg)
-
-    url = args.realtime_url + "/realtime/v1"
+    receipts = Receipts()
+    topics = [f"llm-token:{session}" for session in sessions]
     private: Any = {"config": {"private": True}}
-    for start in range(0, len(sessions), CHANNELS_PER_CLIENT):
-        client = AsyncRealtimeClient(url, token=args.token)
-        await client.connect()
-        clients.append(client)
-        for session in sessions[start : start + CHANNELS_PER_CLIENT]:
-            channel = client.channel(f"llm-token:{session}", private)
-            channel.on_broadcast("*", on_message)
-            joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-            def on_state(state: Any, err: Any, fut: asyncio.Future[str] = joined) -> None:
-                if not fut.done():
-                    fut.set_result(f"{state} {err or ''}")
-
-            await channel.subscribe(on_state)
-            outcome = await asyncio.wait_for(joined, 30)
-            if "SUBSCRIBED" not in outcome:
-                raise RuntimeError(f"join llm-token:{session}: {outcome}")
+    url = args.realtime_url + "/realtime/v1"
+    clients = await join_channels(url, args.token, topics, private, receipts.on_message)
     print("READY", flush=True)
+    states = receipts.states
     await _wait_streams(states, len(sessions), Path(args.stop), args.seconds * 4 + 900)
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await client.close()
-    exact = sum(1 for s in states.values() if s.complete and s.checksums_match())
+    await close_clients(clients)
     return {
-        "cpu_s": time.process_time(),
-        "exact": exact,
+        **receipts.report(),
         "errors": _error_counts(states),
-        "messages": messages,
         "tokens": sum(s.next_offset for s in states.values()),
-        "received": {k: {str(o): t for o, t in v.items()} for k, v in received.items()},
     }
 
 

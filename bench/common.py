@@ -3,6 +3,7 @@ counted in ours), machine facts, medians."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import os
@@ -16,9 +17,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from devstack.jwt import api_key
 from devstack.upstream.tokens import tokenize
+
+if TYPE_CHECKING:
+    from worker.relay.reassembly import StreamReassembly
 
 BENCH_KEY = "sk-bench"
 WORDS = ("relay", "token", "stream", "batch", "ack", "café", "世界", "🦀", "1234", "done.")
@@ -140,3 +145,74 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+# --- independent subscribers (bench_e2e, bench_e2e_queue) ---------------------------
+
+CHANNELS_PER_CLIENT = 50  # one socket carries at most 100 channels (Realtime's cap)
+
+
+class Receipts:
+    """What independent subscribers saw: first arrival of each token offset, per
+    stream, and every stream reassembled by the client rule."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, dict[int, float]] = {}
+        self.states: dict[str, StreamReassembly] = {}
+        self.messages = 0
+
+    def on_message(self, payload: Any) -> None:
+        from worker.relay.reassembly import StreamReassembly
+        from worker.relay.wire import TokenMessage, parse_message
+
+        now = time.monotonic()
+        self.messages += 1
+        msg = parse_message(payload["event"], payload["payload"])
+        if isinstance(msg, TokenMessage):
+            seen = self.received.setdefault(msg.stream, {})
+            for k in range(msg.offset, msg.end_offset):
+                seen.setdefault(k, now)
+        self.states.setdefault(msg.stream, StreamReassembly(msg.stream)).apply(msg)
+
+    def report(self) -> dict[str, Any]:
+        exact = sum(1 for s in self.states.values() if s.complete and s.checksums_match())
+        return {
+            "cpu_s": time.process_time(),
+            "exact": exact,
+            "messages": self.messages,
+            "received": {k: {str(o): t for o, t in v.items()} for k, v in self.received.items()},
+        }
+
+
+async def join_channels(
+    url: str, token: str, topics: list[str], params: Any, on_message: Any
+) -> list[Any]:
+    """Join every topic, CHANNELS_PER_CLIENT per socket; raise unless each is SUBSCRIBED.
+    Returns the clients (close them when done)."""
+    from realtime import AsyncRealtimeClient
+
+    clients: list[AsyncRealtimeClient] = []
+    for start in range(0, len(topics), CHANNELS_PER_CLIENT):
+        client = AsyncRealtimeClient(url, token=token)
+        await client.connect()
+        clients.append(client)
+        for topic in topics[start : start + CHANNELS_PER_CLIENT]:
+            channel = client.channel(topic, params)
+            channel.on_broadcast("*", on_message)
+            joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            def on_state(state: Any, err: Any, fut: asyncio.Future[str] = joined) -> None:
+                if not fut.done():
+                    fut.set_result(f"{state} {err or ''}")
+
+            await channel.subscribe(on_state)
+            outcome = await asyncio.wait_for(joined, 30)
+            if "SUBSCRIBED" not in outcome:
+                raise RuntimeError(f"join {topic}: {outcome}")
+    return clients
+
+
+async def close_clients(clients: list[Any]) -> None:
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.close()
