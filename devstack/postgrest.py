@@ -47,7 +47,9 @@ JSON_CT = "application/json; charset=utf-8"
 SINGULAR_CT = "application/vnd.pgrst.object+json"
 ANON_ROLE = "anon"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CAST = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*(\[\])?$")
+# A cast is one type name (optionally schema-qualified, optionally an array), as
+# PostgREST takes it: nothing else reaches the statement (no spaces, no keywords).
+_CAST = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?(\[\])?$")
 _RESERVED_PARAMS = frozenset({"select", "order", "limit", "offset", "columns", "on_conflict"})
 _COMPARISONS = {
     "eq": "=",

@@ -323,9 +323,9 @@ class Settings(BaseSettings):
         description="Port of /healthz, /readyz and /metrics (0 disables).",
     )
     relay_http_host: str = Field(
-        "0.0.0.0",
+        "127.0.0.1",
         validation_alias=_env("RELAY_HTTP_HOST"),
-        description="Address /healthz, /readyz and /metrics listen on.",
+        description="Address /healthz, /readyz and /metrics listen on (0.0.0.0: every interface).",
     )
 
     relay_heartbeat_interval_s: float = Field(
@@ -345,6 +345,12 @@ class Settings(BaseSettings):
         le=64,
         validation_alias=_env("RELAY_DB_POOL_SIZE"),
         description="Postgres connections one worker uses for queue queries (plus one LISTEN).",
+    )
+    relay_db_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        validation_alias=_env("RELAY_DB_TIMEOUT_S"),
+        description="Deadline of every queue database call (at most RELAY_HEARTBEAT_INTERVAL_S).",
     )
     relay_allowed_models: str = Field(
         "",
@@ -388,6 +394,12 @@ class Settings(BaseSettings):
         if "{session_id}" not in value:
             raise ValueError("RELAY_TOPIC_TEMPLATE must contain {session_id}")
         return value
+
+    @property
+    def db_call_timeout_s(self) -> float:
+        """The deadline of one queue database call: never longer than a heartbeat
+        interval, so an outage is noticed before the next heartbeat is due."""
+        return min(self.relay_db_timeout_s, self.relay_heartbeat_interval_s)
 
     def topic_for(self, session_id: str) -> str:
         """The Realtime sub-topic (without `realtime:`) of one session."""

@@ -35,6 +35,27 @@ RETRYABLE_UPSTREAM_TYPES: frozenset[str] = frozenset(
 )
 
 
+# Longest error message stored on a row, broadcast in `llm-error` or logged: a
+# hostile value (a 1 MB provider name) must not become a 1 MB line or payload.
+MAX_ERROR_MESSAGE_CHARS = 500
+
+
+def bounded(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def preview(value: object, limit: int = 60) -> str:
+    """A short, bounded `repr` of an untrusted value, for an error message."""
+    try:
+        text = repr(value)
+    except RecursionError:  # pragma: no cover - decoding bounds the depth first
+        text = f"<{type(value).__name__}>"
+    return bounded(text, limit)
+
+
 class RelayError(Exception):
     """Base of every error the worker raises on purpose."""
 
@@ -115,9 +136,10 @@ class BadInputError(RelayError):
 
     retryable = False
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, field: str | None = None, value: str | None = None) -> None:
+        super().__init__(bounded(message))
         self.field = field
+        self.value = None if value is None else bounded(value, 80)  # a preview, never whole
 
 
 class ConfigError(RelayError):

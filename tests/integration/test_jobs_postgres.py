@@ -80,7 +80,9 @@ async def test_attempts_cap_fails_an_expired_request(repo: PostgresJobRepository
         assert job.attempts == attempt
         await asyncio.sleep(0.05)
     assert await repo.claim(worker="w3", limit=1, lease_s=1, max_attempts=2) == []
-    assert await repo.sweep(max_attempts=2) == [(submitted.id, "failed")]
+    assert [(s.id, s.status) for s in await repo.sweep(max_attempts=2)] == [
+        (submitted.id, "failed")
+    ]
     record = await repo.get(submitted.id)
     assert record is not None and record.status == "failed" and record.error is not None
     assert record.error["type"] == "attempts_exhausted"
@@ -126,7 +128,9 @@ async def test_sweep_settles_a_cancelled_request_whose_worker_died(
     await repo.cancel_as(USER_A, submitted.id)
     await asyncio.sleep(0.05)
     assert await _claim(repo, "w2") == []
-    assert await repo.sweep(max_attempts=3) == [(submitted.id, "cancelled")]
+    assert [(s.id, s.status) for s in await repo.sweep(max_attempts=3)] == [
+        (submitted.id, "cancelled")
+    ]
 
 
 async def test_listen_hears_inserts_releases_and_cancels(repo: PostgresJobRepository) -> None:

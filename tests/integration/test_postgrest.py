@@ -348,3 +348,16 @@ async def test_rpc_calls_a_function_as_the_caller(
     resp = await client.post("/rest/v1/rpc/nope", headers=alice, json={})
     assert resp.status == 404
     assert (await resp.json())["code"] == "PGRST202"
+
+
+async def test_a_select_cast_is_an_identifier_never_sql(client: TestClient[Any, Any]) -> None:
+    """Issue 12: the cast was spliced into the statement when it matched letters and
+    spaces, so `n::text from pg_roles union ...` ran as SQL."""
+    svc = headers(SERVICE)
+    injected = "body::name from pg_roles union select rolname from pg_roles"
+    resp = await client.get(f"/rest/v1/notes?select={injected}", headers=svc)
+    assert resp.status == 400
+    assert (await resp.json())["code"] == "PGRST100"
+    resp = await client.get("/rest/v1/notes?select=n::text&n=eq.1", headers=svc)
+    assert resp.status == 200
+    assert await resp.json() == [{"n": "1"}]

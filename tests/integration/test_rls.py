@@ -196,3 +196,28 @@ def test_presence_is_not_granted(conn: psycopg.Connection) -> None:
         )
         rows = conn.execute("SELECT id FROM realtime.messages WHERE id = %s", (probe[0],))
         assert rows.fetchall() == []
+
+
+def test_a_broadcast_row_is_not_readable_from_another_topics_context(
+    conn: psycopg.Connection,
+) -> None:
+    """Issue 12: the policy checked the joined topic only, so a row of session B's topic
+    was readable by A from the context of A's own topic."""
+    _, session_a = insert_request(conn, USER_A)
+    _, session_b = insert_request(conn, USER_B)
+    topic_a, topic_b = f"llm-token:{session_a}", f"llm-token:{session_b}"
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO realtime.messages (topic, extension, event, payload)"
+            " VALUES (%s, 'broadcast', 'llm-token', '{}') RETURNING id",
+            (topic_b,),
+        ).fetchone()
+    assert row is not None
+    with as_role(conn, "authenticated", USER_A, topic=topic_a):
+        leaked = conn.execute("SELECT id FROM realtime.messages WHERE id = %s", (row[0],))
+        assert leaked.fetchall() == []
+    with as_role(conn, "authenticated", USER_B, topic=topic_b):
+        own = conn.execute("SELECT id FROM realtime.messages WHERE id = %s", (row[0],))
+        assert len(own.fetchall()) == 1
+    assert can_join(conn, topic_a, USER_A)
+    assert not can_join(conn, topic_b, USER_A)

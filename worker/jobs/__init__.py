@@ -12,6 +12,8 @@ from worker.jobs.models import (
     Result,
     Snapshot,
     Submitted,
+    Swept,
+    Undecodable,
 )
 from worker.jobs.postgres import PostgresJobRepository
 from worker.jobs.repository import JobRepository
@@ -27,4 +29,6 @@ __all__ = [
     "Result",
     "Snapshot",
     "Submitted",
+    "Swept",
+    "Undecodable",
 ]

@@ -1,34 +1,62 @@
-"""The Postgres driver under `PostgresJobRepository`: psycopg 3 async, a few
-connections, LISTEN on its own connection, and the one place psycopg's
+"""The Postgres driver under `PostgresJobRepository`: psycopg 3 async through a
+psycopg_pool pool, LISTEN on its own connection, and the one place psycopg's
 exceptions are translated into ours.
 
-Queue statements are single short statements in autocommit mode, so a small
-fixed set of connections shared through a queue is all the pooling needed. A
-connection that broke is dropped and replaced on next use.
+Every call has a deadline (`call_timeout_s`, at most the lease heartbeat interval):
+a path that blackholes packets must turn into a `QueueError` in bounded time, not a
+query that waits for ever while leases expire in the database. A connection whose
+call timed out is in an unknown state (a statement may still be running on it), so
+it is closed and the pool replaces it. libpq keepalives and `tcp_user_timeout` let
+the kernel notice a dead path even on an idle connection, and the pool checks each
+connection as it lends it (`check_connection`), so a connection that went stale
+during a short cut is replaced inside the same call instead of failing a claim.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from loguru import logger
 from psycopg import sql
 from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from worker.backoff import backoff_delay
 from worker.errors import QueueError
 
 Connection = psycopg.AsyncConnection[DictRow]
+T = TypeVar("T")
 
-CONNECT_TIMEOUT_S = 10
+DEFAULT_CALL_TIMEOUT_S = 5.0
 # A LISTEN connection that heard nothing for this long is pinged: a half-open TCP
 # connection would otherwise wait forever (polling still covers the gap).
 LISTEN_PING_INTERVAL_S = 30.0
-LISTEN_RETRY_INITIAL_S = 0.5
-LISTEN_RETRY_CAP_S = 15.0
+RETRY_BASE_S = 0.5
+RETRY_CAP_S = 15.0
+# After severing a connection, how long its call may take to notice.
+SEVER_WAIT_S = 0.5
+
+
+def connection_kwargs(call_timeout_s: float) -> dict[str, Any]:
+    """libpq options of every connection: bounded connect, and a dead path noticed by
+    the kernel within about the call deadline even while the connection is idle."""
+    seconds = max(1, round(call_timeout_s))
+    return {
+        "autocommit": True,
+        "connect_timeout": max(2, seconds),
+        "keepalives": 1,
+        "keepalives_idle": seconds,
+        "keepalives_interval": max(1, seconds // 3),
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(call_timeout_s * 1000),
+    }
 
 
 @contextmanager
@@ -36,7 +64,7 @@ def wrap_exceptions(job_id: str | None = None) -> Iterator[None]:
     """Translate psycopg errors into `QueueError`, once, at the edge."""
     try:
         yield
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+    except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
         raise QueueError(f"queue database unavailable: {exc}", job_id=job_id) from exc
     except psycopg.Error as exc:
         error = QueueError(f"queue query failed ({exc.sqlstate}): {exc}", job_id=job_id)
@@ -45,54 +73,80 @@ def wrap_exceptions(job_id: str | None = None) -> Iterator[None]:
 
 
 class PsycopgDriver:
-    """A fixed set of autocommit connections to one database, plus LISTEN."""
+    """A small pool of autocommit connections to one database, plus LISTEN."""
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 4, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    ) -> None:
         self._url = url
-        self._idle: asyncio.Queue[Connection | None] = asyncio.Queue()
-        for _ in range(pool_size):
-            self._idle.put_nowait(None)  # connected lazily
-        self._all: set[Connection] = set()
+        self.call_timeout_s = call_timeout_s
+        self._kwargs = connection_kwargs(call_timeout_s)
+        self._pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            url,
+            min_size=pool_size,
+            max_size=pool_size,
+            kwargs={**self._kwargs, "row_factory": dict_row},
+            connection_class=psycopg.AsyncConnection[DictRow],
+            check=self._check_connection,
+            timeout=call_timeout_s / 2,
+            # Keep trying to refill the pool during an outage of any length.
+            reconnect_timeout=float("inf"),
+            open=False,
+            name="llm-relay-queue",
+        )
+        self._opened = False
         self._closed = False
 
-    async def _connect(self) -> Connection:
-        conn = await psycopg.AsyncConnection.connect(
-            self._url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S
-        )
-        self._all.add(conn)
-        return conn
+    async def _check_connection(self, conn: Connection) -> None:
+        # The pool's own check, bounded: a connection that went stale during a cut
+        # fails here and is replaced while the caller's call goes on.
+        await bounded(conn, AsyncConnectionPool.check_connection(conn), self.call_timeout_s / 4)
+
+    async def _open(self) -> None:
+        if not self._opened:
+            self._opened = True
+            # wait=False: the worker starts (and says it is not ready) while Postgres is away.
+            await self._pool.open(wait=False)
 
     async def check(self) -> None:
-        """Fail fast at start-up when the database cannot be reached."""
+        """One round trip, within the call deadline (start-up and readiness)."""
         await self.fetch_one("SELECT 1 AS ok", {})
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        """Borrow a connection (autocommit; use `conn.transaction()` for more)."""
+        """Borrow a checked connection (autocommit; `conn.transaction()` for more).
+
+        Waiting for it is bounded (half the call deadline); bound what you run on it
+        with `bounded()` or use `call()`, which does both.
+        """
         if self._closed:
             raise QueueError("queue driver is closed")
-        conn = await self._idle.get()
-        try:
-            with wrap_exceptions():
-                if conn is None or conn.closed:
-                    conn = await self._connect()
+        await self._open()
+        with wrap_exceptions():
+            async with self._pool.connection() as conn:
                 yield conn
-        finally:
-            if conn is not None and (conn.closed or conn.broken):
-                self._all.discard(conn)
-                await conn.close()
-                conn = None
-            self._idle.put_nowait(conn)
+
+    async def call(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `work` on a pooled connection within the call deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.call_timeout_s
+        async with self.connection() as conn:
+            with wrap_exceptions():
+                return await bounded(conn, work(conn), max(deadline - loop.time(), 0.05))
 
     async def fetch_all(self, query: str, params: dict[str, Any]) -> list[DictRow]:
-        async with self.connection() as conn:
+        async def work(conn: Connection) -> list[DictRow]:
             cursor = await conn.execute(query.encode(), params)
             return await cursor.fetchall()
 
+        return await self.call(work)
+
     async def fetch_one(self, query: str, params: dict[str, Any]) -> DictRow | None:
-        async with self.connection() as conn:
+        async def work(conn: Connection) -> DictRow | None:
             cursor = await conn.execute(query.encode(), params)
             return await cursor.fetchone()
+
+        return await self.call(work)
 
     async def listen(
         self,
@@ -100,39 +154,103 @@ class PsycopgDriver:
         on_payload: Callable[[str], None],
         on_ready: Callable[[bool], None] | None = None,
     ) -> None:
-        """LISTEN on `channel` until cancelled, reconnecting with backoff."""
+        """LISTEN on `channel` until cancelled, reconnecting with the one backoff
+        (reset once a connection listened)."""
         log = logger.bind(event="queue_listen", channel=channel)
-        delay = LISTEN_RETRY_INITIAL_S
+        failures = 0
+        listened = False
+
+        def ready(ok: bool) -> None:
+            nonlocal listened
+            listened = listened or ok
+            if on_ready:
+                on_ready(ok)
+
         while True:
+            listened = False
             try:
-                await self._listen_once(channel, on_payload, on_ready)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                await self._listen_once(channel, on_payload, ready)
+            except (psycopg.OperationalError, psycopg.InterfaceError, QueueError) as exc:
                 if on_ready:
                     on_ready(False)
-                log.warning("LISTEN connection lost ({}); retrying in {:.1f}s", exc, delay)
+                failures = 1 if listened else failures + 1
+                delay = backoff_delay(failures, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
+                if failures == 1:  # once per state change, not once per retry
+                    log.warning("LISTEN connection lost ({}); reconnecting", exc)
+                else:
+                    log.debug("LISTEN reconnect failed ({}); next in {:.1f}s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, LISTEN_RETRY_CAP_S)
 
     async def _listen_once(
         self,
         channel: str,
         on_payload: Callable[[str], None],
-        on_ready: Callable[[bool], None] | None,
+        on_ready: Callable[[bool], None],
     ) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-        ) as conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            if on_ready:
-                on_ready(True)
+        conn = await psycopg.AsyncConnection.connect(self._url, **self._kwargs)
+        async with conn:
+            listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+            await bounded(conn, conn.execute(listen), self.call_timeout_s)
+            on_ready(True)
             logger.bind(event="queue_listen", channel=channel).debug("listening")
             while True:
                 async for notify in conn.notifies(timeout=LISTEN_PING_INTERVAL_S):
                     on_payload(notify.payload)
-                await conn.execute("SELECT 1")
+                await bounded(conn, conn.execute("SELECT 1"), self.call_timeout_s)
 
     async def close(self) -> None:
         self._closed = True
-        for conn in list(self._all):
-            await conn.close()
-        self._all.clear()
+        if self._opened:
+            await self._pool.close(timeout=self.call_timeout_s)
+
+
+async def bounded(conn: psycopg.AsyncConnection[Any], work: Awaitable[T], timeout_s: float) -> T:
+    """Await `work` (a call on `conn`) for at most `timeout_s`; past that, sever `conn`.
+
+    Not `asyncio.timeout`: psycopg answers a cancelled query by sending a cancel
+    request and waiting for the server (up to 10 s), over the very path that is
+    dead. Shutting the socket down makes the call fail at once with a connection
+    error, and the pool replaces the connection (it is closed on return).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        # Our caller is cancelled (shutdown): the severed call fails by itself.
+        _sever(conn)
+        task.add_done_callback(_consume)
+        raise
+    if done:
+        return task.result()
+    _sever(conn)
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(task, SEVER_WAIT_S)
+    if not task.done():  # pragma: no cover - a shut-down socket answers at once
+        task.cancel()
+    with contextlib.suppress(Exception):
+        await conn.close()
+    raise QueueError(f"queue database call timed out after {timeout_s:.3g}s")
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _sever(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down without closing its descriptor (closing it
+    could hand the number to a new socket while the event loop still watches it)."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()

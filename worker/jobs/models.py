@@ -29,6 +29,26 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A column of a claimed row that could not be decoded; validation fails the row
+    with this reason (type `bad_request`, the field, a bounded preview of the text)."""
+
+    field: str
+    reason: str
+    preview: str
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """A row the sweep settled: cancelled, or failed out of attempts."""
+
+    id: str
+    session_id: str
+    status: JobStatus
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A claimed request, as the worker sees it (inputs are not validated yet)."""
 

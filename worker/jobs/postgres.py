@@ -11,7 +11,8 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from worker.errors import LeaseLost, QueueError
-from worker.jobs.driver import PsycopgDriver, wrap_exceptions
+from worker.jobs.decode import decode_column
+from worker.jobs.driver import DEFAULT_CALL_TIMEOUT_S, Connection, PsycopgDriver
 from worker.jobs.models import (
     NOTIFY_CHANNEL,
     Job,
@@ -22,6 +23,7 @@ from worker.jobs.models import (
     Result,
     Snapshot,
     Submitted,
+    Swept,
 )
 from worker.jobs.queries import query
 from worker.jobs.repository import JobRepository
@@ -50,14 +52,16 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def job_from_row(row: DictRow) -> Job:
+    """A claimed row; `messages` and `params` arrive as text and are decoded here,
+    per row (an undecodable one becomes `Undecodable`, failed by validation)."""
     return Job(
         id=str(row["id"]),
         session_id=str(row["session_id"]),
         owner=_str_or_none(row["owner"]),
         provider=row["provider"],
         model=row["model"],
-        messages=row["messages"],
-        params=row["params"],
+        messages=decode_column("messages", row["messages"]),
+        params=decode_column("params", row["params"]),
         attempts=row["attempts"],
         snapshot=_snapshot_of(row),
         cancel_requested=row["cancel_requested"],
@@ -107,8 +111,15 @@ class PostgresJobRepository(JobRepository):
         self._driver = driver
 
     @classmethod
-    def from_url(cls, url: str, *, pool_size: int = 4) -> PostgresJobRepository:
-        return cls(PsycopgDriver(url, pool_size=pool_size))
+    def from_url(
+        cls, url: str, *, pool_size: int = 4, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    ) -> PostgresJobRepository:
+        return cls(PsycopgDriver(url, pool_size=pool_size, call_timeout_s=call_timeout_s))
+
+    @property
+    def driver(self) -> PsycopgDriver:
+        """The pool and call deadline, for other writers of the same database."""
+        return self._driver
 
     async def check(self) -> None:
         await self._driver.check()
@@ -127,9 +138,12 @@ class PostgresJobRepository(JobRepository):
         jobs.sort(key=lambda job: (job.created_at is None, job.created_at))
         return jobs
 
-    async def sweep(self, *, max_attempts: int) -> list[tuple[str, JobStatus]]:
+    async def sweep(self, *, max_attempts: int) -> list[Swept]:
         rows = await self._driver.fetch_all(query("sweep"), {"max_attempts": max_attempts})
-        return [(str(row["id"]), row["status"]) for row in rows]
+        return [
+            Swept(str(row["id"]), str(row["session_id"]), row["status"], row["attempts"])
+            for row in rows
+        ]
 
     async def heartbeat(
         self, *, worker: str, ids: Sequence[str], lease_s: float
@@ -239,11 +253,13 @@ class PostgresJobRepository(JobRepository):
         return None if row is None else cast(JobStatus | None, row["status"])
 
     async def _as_user(self, user_id: str, name: str, params: dict[str, Any]) -> DictRow | None:
-        async with self._driver.connection() as conn, conn.transaction():
-            with wrap_exceptions():
+        async def work(conn: Connection) -> DictRow | None:
+            async with conn.transaction():
                 await conn.execute(query("act_as_user").encode(), {"claims": _user_claims(user_id)})
                 cursor = await conn.execute(query(name).encode(), params)
                 return await cursor.fetchone()
+
+        return await self._driver.call(work)
 
     async def close(self) -> None:
         await self._driver.close()

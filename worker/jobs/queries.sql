@@ -8,6 +8,8 @@
 -- concurrent workers take disjoint rows without waiting for each other, and a
 -- row another worker claimed since our snapshot fails the re-check of the WHERE
 -- clause that FOR UPDATE performs on the newest row version.
+-- messages and params come back as text: the worker decodes each row on its own
+-- (worker/jobs/decode.py), so one undecodable row cannot fail the whole fetch.
 WITH claimable AS (
   SELECT id
   FROM public.llm_requests
@@ -28,8 +30,8 @@ SET status = 'running',
     updated_at = now()
 FROM claimable
 WHERE r.id = claimable.id
-RETURNING r.id, r.session_id, r.owner, r.provider, r.model, r.messages, r.params,
-          r.attempts, r.content, r.reasoning, r.next_offset, r.next_seq,
+RETURNING r.id, r.session_id, r.owner, r.provider, r.model,
+          r.messages::text AS messages, r.params::text AS params, r.attempts, r.content, r.reasoning, r.next_offset, r.next_seq,
           r.cancel_requested, r.created_at;
 
 -- name: sweep
@@ -52,7 +54,7 @@ SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END,
 WHERE status IN ('queued', 'running')
   AND (status = 'queued' OR lease_expires_at < now())
   AND (cancel_requested OR attempts >= %(max_attempts)s)
-RETURNING id, status;
+RETURNING id, session_id, status, attempts;
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; a row missing from the result was

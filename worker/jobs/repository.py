@@ -25,6 +25,7 @@ from worker.jobs.models import (
     Result,
     Snapshot,
     Submitted,
+    Swept,
 )
 
 
@@ -32,6 +33,9 @@ class JobRepository(abc.ABC):
     """The request queue, as the worker and the `submit` command use it."""
 
     # --- the worker side ---
+
+    async def check(self) -> None:  # noqa: B027 - optional hook
+        """One round trip to the queue (readiness); raises `QueueError` when away."""
 
     @abc.abstractmethod
     async def claim(
@@ -41,7 +45,7 @@ class JobRepository(abc.ABC):
         lease) to `worker`, oldest first; each claim counts one attempt."""
 
     @abc.abstractmethod
-    async def sweep(self, *, max_attempts: int) -> list[tuple[str, JobStatus]]:
+    async def sweep(self, *, max_attempts: int) -> list[Swept]:
         """Settle unclaimable rows: cancelled ones, and expired ones out of attempts."""
 
     @abc.abstractmethod

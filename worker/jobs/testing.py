@@ -24,6 +24,7 @@ from worker.jobs.models import (
     Result,
     Snapshot,
     Submitted,
+    Swept,
 )
 from worker.jobs.repository import JobRepository
 
@@ -146,9 +147,12 @@ class InMemoryJobRepository(JobRepository):
             cancel_requested=row.cancel_requested,
         )
 
-    async def sweep(self, *, max_attempts: int) -> list[tuple[str, JobStatus]]:
+    async def check(self) -> None:
         self._maybe_fail()
-        settled: list[tuple[str, JobStatus]] = []
+
+    async def sweep(self, *, max_attempts: int) -> list[Swept]:
+        self._maybe_fail()
+        settled: list[Swept] = []
         for row in self.rows.values():
             live = row.status == "queued" or (row.status == "running" and self._expired(row))
             if not live or not (row.cancel_requested or row.attempts >= max_attempts):
@@ -164,7 +168,7 @@ class InMemoryJobRepository(JobRepository):
                     "last_error": row.error,
                 }
             row.lease_owner = row.lease_expires_at = None
-            settled.append((row.id, row.status))
+            settled.append(Swept(row.id, row.session_id, row.status, row.attempts))
         return settled
 
     async def heartbeat(

@@ -646,6 +646,23 @@ class Publisher:
             await self._http.aclose()
         self._set_state(PublisherState.CLOSED)
 
+    # --- health, for the worker (it supervises `supervised()` and asks `ready()`) ---
+
+    def ready(self) -> bool:
+        """Connected to Realtime, and no task of the publisher died."""
+        return self._failure is None and self.state is PublisherState.CONNECTED
+
+    async def supervised(self) -> None:
+        """Run as a supervised side task: returns never; raises once a publisher task
+        died or the supervisor stopped, so the worker stops loudly instead of
+        queueing into a publisher that no longer delivers."""
+        while True:
+            self._raise_if_failed()
+            supervisor = self._supervisor
+            if supervisor is None or supervisor.done():
+                raise PublishError("the publisher's supervisor is not running", reason="internal")
+            await asyncio.wait({supervisor}, timeout=SUPERVISE_TICK_S)
+
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._monitor)

@@ -34,7 +34,7 @@ from typing import Any
 from loguru import logger
 
 from worker.config import Settings
-from worker.errors import ConfigError, PublishError, RelayError
+from worker.errors import ConfigError, PublishError, RelayError, bounded
 from worker.relay.batcher import Batch, Batcher
 from worker.relay.publisher import Publisher, StreamHandle
 from worker.relay.wire import EVENT_DONE, EVENT_ERROR, EVENT_STATUS, DoneMessage, text_checksum
@@ -214,7 +214,7 @@ class _Pump:
         self.send(self.batcher.flush(0.0))
         if isinstance(exc, RelayError):
             err_type = str(getattr(exc, "type", type(exc).__name__))
-            message, retryable = exc.message, exc.retryable
+            message, retryable = bounded(exc.message), exc.retryable
         else:
             err_type, message, retryable = "internal", "internal error in the relay", False
         self.handle.send_event(

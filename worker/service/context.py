@@ -33,7 +33,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from worker.errors import BadInputError, PublishError, QueueError, RelayError, UpstreamError
+from worker.errors import (
+    BadInputError,
+    PublishError,
+    QueueError,
+    RelayError,
+    UpstreamError,
+    bounded,
+)
 from worker.jobs.models import Job, Snapshot
 from worker.upstream.events import GenerationRequest
 
@@ -143,6 +150,8 @@ def error_info(exc: BaseException) -> dict[str, Any]:
         info: dict[str, Any] = {"type": exc.type, "provider": exc.provider, "status": exc.status}
     elif isinstance(exc, BadInputError):
         info = {"type": "bad_request", "field": exc.field}
+        if exc.value is not None:
+            info["value"] = exc.value
     elif isinstance(exc, PublishError):
         info = {"type": "publish", "reason": exc.reason}
     elif isinstance(exc, QueueError):
@@ -152,6 +161,7 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     else:
         # A bug: keep the class, not the text (it could echo user data).
         return {"type": "internal", "message": type(exc).__name__, "retryable": False}
-    info["message"] = exc.message
+    # Bounded here, where every row's `error` and every `llm-error` is built.
+    info["message"] = bounded(exc.message)
     info["retryable"] = exc.retryable
     return info

@@ -1,20 +1,24 @@
 """`llm-relay run`: the worker process.
 
 Claims requests from Postgres (DATABASE_URL) and streams each through a stream
-runner; serves /healthz, /readyz and /metrics on RELAY_HTTP_PORT; drains on
-SIGTERM / SIGINT within RELAY_GRACE_PERIOD_S. Exit status: 0 after a clean drain,
-1 when a supervised side task died, 2 for bad settings.
+runner; serves /healthz, /readyz and /metrics on RELAY_HTTP_HOST:RELAY_HTTP_PORT;
+drains on SIGTERM / SIGINT within RELAY_GRACE_PERIOD_S. A database that is away
+at start-up is waited for (with the one backoff, logged once), never a reason to
+exit. Exit status: 0 after a clean drain, 1 when a supervised side task died, 2
+for bad settings.
 
 The runner is a plugin: `--runner module:factory`, where `factory(settings,
 **options)` returns the stream runner (`-o key=value` become the options). A
 runner may also be an async context manager (entered for the process lifetime),
-expose `side_tasks()` (supervised with the worker's own) and `on_rejected`.
+expose `side_tasks()` (supervised with the worker's own), `ready()` (part of
+/readyz) and `on_rejected`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import signal
 from collections.abc import Iterator
@@ -23,6 +27,7 @@ from typing import Any
 
 from loguru import logger
 
+from worker.backoff import backoff_delay
 from worker.cli import Command
 from worker.config import Settings
 from worker.errors import ConfigError, QueueError
@@ -33,6 +38,8 @@ from worker.service.metrics import Metrics
 from worker.service.worker import SideTask, Worker
 
 DEFAULT_RUNNER = "worker.service.runner:build_runner"
+RETRY_BASE_S = 0.5
+RETRY_CAP_S = 15.0
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +97,49 @@ def _effective_settings(args: argparse.Namespace, settings: Settings) -> Setting
     return settings.model_copy(update=update) if update else settings
 
 
+def check_lease_settings(settings: Settings) -> None:
+    """Leases must survive one missed heartbeat plus one call deadline, or the fence
+    (which stops a stream one interval before its lease can expire) would fire
+    during normal operation."""
+    interval, lease = settings.relay_heartbeat_interval_s, settings.relay_lease_s
+    if 2 * interval + settings.db_call_timeout_s >= lease:
+        raise ConfigError(
+            f"RELAY_LEASE_S ({lease:g}) must exceed two RELAY_HEARTBEAT_INTERVAL_S "
+            f"({interval:g}) plus the database call deadline ({settings.db_call_timeout_s:g})"
+        )
+
+
+async def wait_for_database(repository: PostgresJobRepository) -> bool:
+    """Wait until the queue database answers (True), or a signal asks to stop (False)."""
+    log = logger.bind(event="worker_process")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, stop.set)
+    failures = 0
+    try:
+        while True:
+            try:
+                await repository.check()
+            except QueueError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("waiting for the queue database: {}", exc.message)
+                delay = backoff_delay(failures, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return False
+                continue
+            if failures:
+                log.info("queue database reachable after {} attempt(s)", failures + 1)
+            return True
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
 @contextmanager
 def _signals_stop(worker: Worker) -> Iterator[None]:
     """SIGTERM / SIGINT drain the worker while `run()` runs; handlers restored after."""
@@ -107,23 +157,16 @@ def _signals_stop(worker: Worker) -> Iterator[None]:
 async def run_worker(settings: Settings, runner_spec: str, options: dict[str, str]) -> int:
     if not settings.database_url:
         raise ConfigError("DATABASE_URL is not set: the worker needs the request queue")
-    if settings.relay_heartbeat_interval_s >= settings.relay_lease_s:
-        raise ConfigError(
-            "RELAY_HEARTBEAT_INTERVAL_S must be shorter than RELAY_LEASE_S "
-            "(a lease would expire between two heartbeats)"
-        )
+    check_lease_settings(settings)
     repository = PostgresJobRepository.from_url(
-        settings.database_url, pool_size=settings.relay_db_pool_size
+        settings.database_url,
+        pool_size=settings.relay_db_pool_size,
+        call_timeout_s=settings.db_call_timeout_s,
     )
-    log = logger.bind(event="worker_process")
-    try:
-        await repository.check()
-    except QueueError as exc:
-        log.error("cannot reach the queue database: {}", exc.message)
-        await repository.close()
-        return 1
     async with AsyncExitStack() as stack:
         stack.push_async_callback(repository.close)
+        if not await wait_for_database(repository):
+            return 0  # asked to stop while waiting
         runner = load_runner(runner_spec, settings, options)
         if hasattr(runner, "__aenter__"):
             runner = await stack.enter_async_context(runner)
@@ -148,6 +191,7 @@ async def _serve(settings: Settings, repository: PostgresJobRepository, runner: 
         await server.start()
         side_tasks.append(("http", server.serve))
     stream_runner: StreamRunner = runner
+    runner_ready = getattr(runner, "ready", None)
     worker = Worker(
         repository,
         stream_runner,
@@ -155,6 +199,7 @@ async def _serve(settings: Settings, repository: PostgresJobRepository, runner: 
         metrics=metrics,
         side_tasks=side_tasks,
         on_rejected=getattr(runner, "on_rejected", None),
+        ready_checks=[runner_ready] if callable(runner_ready) else [],
     )
     log = logger.bind(event="worker_process", worker=worker.worker_id)
     log.info(

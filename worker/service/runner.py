@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from loguru import logger
@@ -178,6 +178,14 @@ class RelayRunner:
             await self.publisher.close()
         if self._owned[1]:
             await self.upstream.aclose()
+
+    def side_tasks(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
+        """Supervised by the worker: the publisher's supervisor."""
+        return [("publisher", self.publisher.supervised)]
+
+    def ready(self) -> bool:
+        """Part of the worker's /readyz: the publisher can deliver."""
+        return self.publisher.ready()
 
     async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
         tap = _Tap(ctx)

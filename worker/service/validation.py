@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal, cast
 
 from worker.config import Settings
-from worker.errors import BadInputError
-from worker.jobs.models import Job
+from worker.errors import BadInputError, preview
+from worker.jobs.models import Job, Undecodable
 from worker.upstream.events import GenerationRequest
 
 PROVIDERS = ("openai", "groq")
@@ -36,9 +36,27 @@ MAX_TEMPERATURE = 2.0
 def validate_job(job: Job, settings: Settings) -> GenerationRequest:
     """Check a claimed request against the settings' limits.
 
+    The one place that decides a row is unusable: whatever is wrong with it (a
+    column that could not be decoded, a value of a type nobody expected) ends here
+    as a `BadInputError`, never as another exception that would reach the claim loop.
+
     Raises:
         BadInputError: with `field` naming what is wrong.
     """
+    try:
+        return _validate(job, settings)
+    except BadInputError:
+        raise
+    except Exception as exc:  # a check that did not foresee this shape: still this row's fault
+        raise BadInputError(
+            f"request cannot be validated ({type(exc).__name__})", field="request"
+        ) from exc
+
+
+def _validate(job: Job, settings: Settings) -> GenerationRequest:
+    for column in (job.messages, job.params):
+        if isinstance(column, Undecodable):
+            raise BadInputError(column.reason, field=column.field, value=column.preview)
     provider = _provider(job.provider, settings)
     model = _model(job.model, provider, settings)
     messages = _messages(job.messages, settings)
@@ -59,10 +77,11 @@ def validate_job(job: Job, settings: Settings) -> GenerationRequest:
 def _provider(value: Any, settings: Settings) -> Literal["openai", "groq"]:
     if value is None or value == "":
         return settings.relay_provider
-    if value not in PROVIDERS:
+    if not isinstance(value, str) or value not in PROVIDERS:
         raise BadInputError(
-            f"unknown provider {value!r} (expected one of {', '.join(PROVIDERS)})",
+            f"unknown provider {preview(value)} (expected one of {', '.join(PROVIDERS)})",
             field="provider",
+            value=preview(value),
         )
     return cast(Literal["openai", "groq"], value)
 
@@ -73,7 +92,7 @@ def _model(value: Any, provider: Literal["openai", "groq"], settings: Settings) 
     model = value or settings.model_for(provider)
     allowed = settings.allowed_models
     if allowed and model not in allowed:
-        raise BadInputError(f"model {model!r} is not allowed on this worker", field="model")
+        raise BadInputError(f"model {preview(model)} is not allowed on this worker", field="model")
     return model
 
 
@@ -97,30 +116,53 @@ def _messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
 
 
 def _message_chars(index: int, message: Any) -> int:
-    """Validate one chat message and return the length of its text."""
+    """Validate one chat message and return the length of its text.
+
+    Every string the message carries counts (content, `name`, `image_url`, tool call
+    names and arguments...): all of it is sent upstream, so all of it is bounded.
+    """
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise BadInputError(f"{where} must be an object", field="messages")
     role = message.get("role")
-    if role not in ROLES:
-        raise BadInputError(f"{where}.role must be one of {sorted(ROLES)}", field="messages")
+    if not isinstance(role, str) or role not in ROLES:
+        raise BadInputError(
+            f"{where}.role must be one of {sorted(ROLES)}",
+            field="messages",
+            value=preview(role),
+        )
     content = message.get("content")
-    if isinstance(content, str):
-        return len(content)
-    if content is None and role == "assistant" and message.get("tool_calls"):
-        return 0
     if isinstance(content, list):
-        return sum(_part_chars(where, part) for part in content)
-    raise BadInputError(f"{where}.content must be a string or an array", field="messages")
+        for part in content:
+            _check_part(where, part)
+    elif not isinstance(content, str) and not (
+        content is None and role == "assistant" and message.get("tool_calls")
+    ):
+        raise BadInputError(f"{where}.content must be a string or an array", field="messages")
+    return _text_chars({k: v for k, v in message.items() if k != "role"})
 
 
-def _part_chars(where: str, part: Any) -> int:
+def _check_part(where: str, part: Any) -> None:
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise BadInputError(f"{where}.content parts must be typed objects", field="messages")
-    text = part.get("text", "")
-    if not isinstance(text, str):
+    if not isinstance(part.get("text", ""), str):
         raise BadInputError(f"{where}.content text must be a string", field="messages")
-    return len(text)
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of every string (keys included) in decoded JSON, without recursion."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += sum(len(key) for key in item if isinstance(key, str))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
 
 
 def _params(value: Any) -> dict[str, Any]:

@@ -4,10 +4,17 @@
 
 - A claim loop fills free slots (RELAY_CONCURRENCY), woken by NOTIFY and by
   finished streams, with polling as the guarantee (RELAY_POLL_INTERVAL_S).
-- Side tasks, each named and monitored: lease heartbeat, checkpointer (snapshots
-  about once a second, plus the cancel poll), LISTEN, and whatever the caller adds
-  (the metrics server). If one dies, the worker stops loudly: it drains and `run()`
-  re-raises that task's exception.
+- Side tasks, each named and monitored: lease heartbeat, lease fence, checkpointer
+  (snapshots about once a second, plus the cancel poll), LISTEN, and whatever the
+  caller adds (the metrics server, the publisher's supervisor). If one dies, the
+  worker stops loudly: it drains and `run()` re-raises that task's exception.
+- A database that is away is not a death: calls fail with `QueueError` within their
+  deadline, the worker says so once, turns not ready, and keeps trying. Streams
+  whose leases it can no longer renew are stopped as lease-lost before the leases
+  can expire (self-fencing by time: a lease renewed by a heartbeat sent at t runs
+  until at least t + lease, so a stream stops publishing at t + lease - one
+  heartbeat interval unless a newer heartbeat succeeded), so no other worker that
+  reclaims the row ever publishes beside this one.
 - `stop()` only sets an event. Shutdown runs in order: stop claiming; let streams
   finish until shortly before the grace period ends; ask the rest to stop and
   release them with their snapshots (another worker continues them); cancel
@@ -21,6 +28,7 @@ import contextlib
 import enum
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +37,7 @@ from loguru import logger
 
 from worker.config import Settings
 from worker.errors import BadInputError, LeaseLost, QueueError
-from worker.jobs.models import Job, Notification, Result, Snapshot
+from worker.jobs.models import Job, Notification, Result, Snapshot, Swept
 from worker.jobs.repository import JobRepository
 from worker.service.context import (
     AbortReason,
@@ -62,6 +70,9 @@ class WorkerState(enum.Enum):
 class _Active:
     job: Job
     ctx: StreamContext | None  # None: rejected by validation, being failed
+    # Loop time at which the last successful lease write for this row was *sent*:
+    # the database's lease runs until at least this + RELAY_LEASE_S.
+    renewed_at: float
     task: asyncio.Task[None] | None = None
     saved: Snapshot | None = None  # the last snapshot written to Postgres
     settling: bool = False
@@ -95,6 +106,7 @@ class Worker:
         metrics: Metrics | None = None,
         side_tasks: Sequence[SideTask] = (),
         on_rejected: RejectHook | None = None,
+        ready_checks: Sequence[Callable[[], bool]] = (),
     ) -> None:
         self._repo = repository
         self._runner = runner
@@ -103,11 +115,15 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._extra_side_tasks = list(side_tasks)
         self._on_rejected = on_rejected
+        self._ready_checks = list(ready_checks)
         self._active: dict[str, _Active] = {}
+        self._background: set[asyncio.Task[None]] = set()  # best-effort notices
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._state = WorkerState.CREATED
         self._queue_ok = False
+        self._queue_ok_at = float("-inf")  # monotonic time of the last successful call
+        self._queue_reported: bool | None = None  # the state last logged
         self._crashed: BaseException | None = None
         self._last_sweep = float("-inf")
         self._log = logger.bind(event="worker", worker=self.worker_id)
@@ -130,7 +146,14 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self._state is WorkerState.RUNNING and self._queue_ok
+        """Running, the database answered its last call recently, and every dependency
+        the caller named (the publisher) says it is ready."""
+        if self._state is not WorkerState.RUNNING or not self._queue_ok:
+            return False
+        stale_after = self._settings.relay_heartbeat_interval_s + self._settings.db_call_timeout_s
+        if time.monotonic() - self._queue_ok_at > stale_after:
+            return False  # a call is hanging on a dead path: do not wait for its deadline
+        return all(check() for check in self._ready_checks)
 
     @property
     def active_ids(self) -> list[str]:
@@ -155,7 +178,7 @@ class Worker:
             self._stopping.set()
             await self._stop_claim_loop(claim_loop)
             await self._drain()
-            await self._cancel(list(side))
+            await self._cancel([*side, *self._background])
             self._set_state(WorkerState.STOPPED)
         if self._crashed is not None:
             raise self._crashed
@@ -165,6 +188,7 @@ class Worker:
     def _start_side_tasks(self) -> dict[asyncio.Task[None], str]:
         tasks: list[SideTask] = [
             ("lease-heartbeat", self._heartbeat_loop),
+            ("lease-fence", self._fence_loop),
             ("checkpointer", self._checkpoint_loop),
             ("listen", self._listen),
             *self._extra_side_tasks,
@@ -221,9 +245,10 @@ class Worker:
         try:
             if loop.time() - self._last_sweep >= s.relay_poll_interval_s:
                 self._last_sweep = loop.time()
-                for job_id, status in await self._repo.sweep(max_attempts=s.relay_max_attempts):
-                    self._log.bind(job=job_id).info("settled unclaimable request: {}", status)
+                for swept in await self._repo.sweep(max_attempts=s.relay_max_attempts):
+                    self._on_swept(swept)
             jobs = []
+            sent_at = loop.time()
             if free > 0:
                 jobs = await self._repo.claim(
                     worker=self.worker_id,
@@ -231,32 +256,85 @@ class Worker:
                     lease_s=s.relay_lease_s,
                     max_attempts=s.relay_max_attempts,
                 )
-            self._set_queue_ok(True)
+            self._queue_call(ok=True)
         except QueueError as exc:
-            self._set_queue_ok(False)
-            self.metrics.queue_errors.inc()
-            self._log.warning("claim failed: {}", exc.message)
+            self._queue_call(ok=False, error=exc)
             return
         for job in jobs:
-            self._start(job)
+            try:
+                self._start(job, sent_at)
+            except Exception:  # pragma: no cover - _start fails rows itself; never the loop
+                self._log.bind(job=job.id).opt(exception=True).error("could not start a request")
 
-    def _set_queue_ok(self, ok: bool) -> None:
+    def _queue_call(self, *, ok: bool, error: QueueError | None = None) -> None:
+        """Every queue call reports here: readiness, and one log line per change."""
+        if ok:
+            self._queue_ok_at = time.monotonic()
+        else:
+            self.metrics.queue_errors.inc()
+        if ok != self._queue_reported:
+            self._queue_reported = ok
+            if ok:
+                self._log.info("queue database reachable")
+            else:
+                why = error.message if error is not None else "unknown"
+                self._log.warning("queue database unreachable ({}): not ready; retrying", why)
+        elif error is not None:
+            self._log.debug("queue call failed: {}", error.message)
         self._queue_ok = ok
         self._update_ready()
+
+    def _on_swept(self, swept: Swept) -> None:
+        """A row the sweep settled: its subscribers learn why it will never stream."""
+        self._log.bind(job=swept.id).info("settled unclaimable request: {}", swept.status)
+        if swept.status != "failed" or self._on_rejected is None:
+            return
+        error = {
+            "type": "attempts_exhausted",
+            "message": f"gave up after {swept.attempts} attempts",
+            "retryable": False,
+        }
+        job = Job(
+            id=swept.id,
+            session_id=swept.session_id,
+            owner=None,
+            provider=None,
+            model=None,
+            messages=None,
+            params=None,
+            attempts=swept.attempts,
+            snapshot=Snapshot(),
+        )
+        self._spawn_notice(self._tell(job, error), f"swept-{swept.id}")
+
+    def _spawn_notice(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _tell(self, job: Job, error: dict[str, Any]) -> None:
+        if self._on_rejected is None:
+            return
+        try:
+            await self._on_rejected(job, self._settings.topic_for(job.session_id), error)
+        except Exception:  # telling the client is best effort; the row says it all
+            self._log.bind(event="job", job=job.id).opt(exception=True).warning(
+                "could not tell the client why the request failed"
+            )
 
     def _update_ready(self) -> None:
         self.metrics.ready.set(1 if self.ready else 0)
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, claimed_at: float) -> None:
         self.metrics.claimed.inc()
         try:
             request = validate_job(job, self._settings)
         except BadInputError as exc:
-            active = _Active(job, None)
+            active = _Active(job, None, claimed_at)
             active.task = asyncio.create_task(self._reject(job, exc), name=f"reject-{job.id}")
         else:
             ctx = StreamContext(job, request, topic=self._settings.topic_for(job.session_id))
-            active = _Active(job, ctx, saved=job.snapshot)
+            active = _Active(job, ctx, claimed_at, saved=job.snapshot)
             ctx.set_writer(lambda: self._checkpoint_now(active))
             active.task = asyncio.create_task(self._process(active), name=f"stream-{job.id}")
         self._active[job.id] = active
@@ -271,17 +349,13 @@ class Worker:
     # --- one request ---
 
     async def _reject(self, job: Job, exc: BadInputError) -> None:
-        log = self._log.bind(event="job", job=job.id)
+        log = self._log.bind(event="job", job=job.id, field=exc.field)
         log.warning("rejected: {}", exc.message)
         self.metrics.rejected.inc()
         error = error_info(exc)
         result = Result("failed", job.snapshot, error=error)
         await _complete(self._write_final(job, "failed", lambda: self._finish(job, result)))
-        if self._on_rejected is not None:
-            try:
-                await self._on_rejected(job, self._settings.topic_for(job.session_id), error)
-            except Exception:  # telling the client is best effort; the row says it all
-                log.opt(exception=True).warning("could not tell the client about the rejection")
+        await self._tell(job, error)
 
     async def _process(self, active: _Active) -> None:
         job, ctx = active.job, active.ctx
@@ -400,8 +474,22 @@ class Worker:
     def _on_notification(self, notification: Notification) -> None:
         if notification.op == "queued":
             self._wakeup.set()
-        elif notification.op == "cancel":
-            self._abort(notification.id, "cancelled")
+        elif notification.op == "cancel" and notification.id in self._active:
+            # Anyone with SQL access can NOTIFY: only the row says whether its owner
+            # really cancelled (cancel_llm_request sets the flag before notifying).
+            self._spawn_notice(self._verify_cancel(notification.id), f"cancel-{notification.id}")
+
+    async def _verify_cancel(self, job_id: str) -> None:
+        try:
+            cancelled = await self._repo.cancel_requested([job_id])
+        except QueueError as exc:  # the checkpointer's cancel poll tries again
+            self._queue_call(ok=False, error=exc)
+            return
+        self._queue_call(ok=True)
+        if job_id in cancelled:
+            self._abort(job_id, "cancelled")
+        else:
+            self._log.bind(job=job_id).warning("ignored a cancel NOTIFY the row does not confirm")
 
     async def _listen(self) -> None:
         await self._repo.listen(self._on_notification)
@@ -409,7 +497,6 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         s = self._settings
         loop = asyncio.get_running_loop()
-        last_ok = loop.time()
         # Half the slack a lease leaves after one interval: later than that, a starved
         # event loop is about to let leases expire (seen in bench/RESULTS.md, scale-out).
         late_warning_s = (s.relay_lease_s - s.relay_heartbeat_interval_s) / 2
@@ -424,23 +511,60 @@ class Worker:
                     late,
                     s.relay_lease_s,
                 )
-            ids = [i for i, a in self._active.items() if a.ctx is not None and not a.settling]
-            try:
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        """Renew every lease held; with none, one round trip still tells readiness."""
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        ids = [i for i, a in self._active.items() if a.ctx is not None and not a.settling]
+        sent_at = loop.time()
+        try:
+            if ids:
                 held = await self._repo.heartbeat(
                     worker=self.worker_id, ids=ids, lease_s=s.relay_lease_s
                 )
-            except QueueError as exc:
-                self.metrics.queue_errors.inc()
-                if loop.time() - last_ok > s.relay_lease_s:
-                    raise  # every lease is gone by now: stop loudly
-                self._log.warning("lease heartbeat failed: {}", exc.message)
-                continue
-            last_ok = loop.time()
-            for job_id in ids:
-                if job_id not in held:
+            else:
+                held = {}
+                await self._repo.check()
+        except QueueError as exc:
+            self._queue_call(ok=False, error=exc)
+            return  # the fence stops streams before their leases can expire
+        self._queue_call(ok=True)
+        for job_id in ids:
+            active = self._active.get(job_id)
+            if job_id not in held:
+                self._abort(job_id, "lease_lost")
+            elif held[job_id]:
+                self._abort(job_id, "cancelled")
+            elif active is not None:
+                active.renewed_at = max(active.renewed_at, sent_at)
+
+    def _fence_deadline(self, active: _Active) -> float:
+        """Loop time by which a stream must have stopped publishing unless renewed."""
+        s = self._settings
+        return active.renewed_at + s.relay_lease_s - s.relay_heartbeat_interval_s
+
+    async def _fence_loop(self) -> None:
+        """Self-fencing by time: a stream whose lease was not renewed in time stops
+        before the lease can expire in the database (and another worker reclaims it)."""
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        tick = min(s.relay_heartbeat_interval_s / 4, 0.5)
+        while True:
+            now = loop.time()
+            for job_id, active in list(self._active.items()):
+                if active.ctx is None or active.settling or active.ctx.aborted.is_set():
+                    continue
+                if now >= self._fence_deadline(active):
+                    self._log.bind(job=job_id).warning(
+                        "lease not renewed for {:.1f}s: stopping the stream before the lease "
+                        "can expire",
+                        now - active.renewed_at,
+                    )
                     self._abort(job_id, "lease_lost")
-                elif held[job_id]:
-                    self._abort(job_id, "cancelled")
+            self._update_ready()  # readiness also goes stale with time
+            await asyncio.sleep(tick)
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -448,8 +572,7 @@ class Worker:
             try:
                 await self._checkpoint_all()
             except QueueError as exc:
-                self.metrics.queue_errors.inc()
-                self._log.warning("checkpoint failed: {}", exc.message)
+                self._queue_call(ok=False, error=exc)
 
     async def _checkpoint_all(self) -> None:
         """Write changed snapshots; poll the cancel flag of the others (NOTIFY backup)."""
@@ -489,8 +612,7 @@ class Worker:
             self._abort(active.job.id, "lease_lost")
             raise
         except QueueError as exc:  # the periodic checkpointer tries again
-            self.metrics.queue_errors.inc()
-            self._log.bind(job=active.job.id).warning("checkpoint failed: {}", exc.message)
+            self._queue_call(ok=False, error=exc)
 
     # --- shutdown ---
 
