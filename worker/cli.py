@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         args.log_level or settings.relay_log_level,
         json=settings.relay_log_json if args.log_json is None else args.log_json,
+        secrets=settings.secret_values(),
     )
     command = commands[args.command]
     try:

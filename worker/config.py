@@ -395,6 +395,16 @@ class Settings(BaseSettings):
             raise ValueError("RELAY_TOPIC_TEMPLATE must contain {session_id}")
         return value
 
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        keys = (
+            self.supabase_service_role_key,
+            self.supabase_anon_key,
+            self.openai_api_key,
+            self.groq_api_key,
+        )
+        return [key.get_secret_value() for key in keys if key is not None]
+
     @property
     def db_call_timeout_s(self) -> float:
         """The deadline of one queue database call: never longer than a heartbeat

@@ -139,7 +139,7 @@ class BadInputError(RelayError):
     def __init__(self, message: str, *, field: str | None = None, value: str | None = None) -> None:
         super().__init__(bounded(message))
         self.field = field
-        self.value = None if value is None else bounded(value, 80)  # a preview, never whole
+        self.value = None if value is None else bounded(value, 120)  # a preview, never whole
 
 
 class ConfigError(RelayError):

@@ -11,8 +11,11 @@ ids via `logger.bind(stream=..., job=...)`.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterable
 from types import FrameType
+from typing import Any
 
 from loguru import logger
 
@@ -45,18 +48,64 @@ _TEXT_FORMAT = (
 )
 
 
-def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
-    """Install the sinks. Call once, from the entry point only. Logs go to stderr."""
+# Credentials that travel in URLs (the Realtime socket's `apikey=`, a token, a
+# password in a DSN): masked in every line, whatever logged it.
+_URL_SECRET = re.compile(r"(?i)((?:apikey|api_key|access_token|token|password|key)=)[^&\s\"']+")
+_DSN_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@")
+MASK = "***"
+# Shorter values are not masked: they would also match ordinary words.
+MIN_SECRET_CHARS = 8
+
+
+class Redactor:
+    """Masks the configured secrets and URL credentials in a formatted log line."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets = sorted(
+            {s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True
+        )
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        text = _URL_SECRET.sub(lambda m: m.group(1) + MASK, text)
+        return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", text)
+
+
+class _RedactingSink:
+    """The one sink: every formatted record (traceback included) is redacted."""
+
+    def __init__(self, stream: Any, redact: Redactor) -> None:
+        self._stream = stream
+        self._redact = redact
+
+    def write(self, message: str) -> None:
+        self._stream.write(self._redact(message))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def configure_logging(
+    level: str = "INFO", *, json: bool = False, secrets: Iterable[str] = ()
+) -> None:
+    """Install the sinks. Call once, from the entry point only. Logs go to stderr.
+
+    `secrets` (the configured keys) never appear in a line, at any level: the sink
+    masks them and any `apikey=`-style URL credential (TRACE logs socket URLs).
+    """
     logger.remove()
     logger.configure(extra={"event": "-"})
+    sink = _RedactingSink(sys.stderr, Redactor(secrets))
     if json:
-        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+        logger.add(sink, level=level, serialize=True, backtrace=False, diagnose=False)
     else:
         logger.add(
-            sys.stderr,
+            sink,
             level=level,
             format=_TEXT_FORMAT,
-            colorize=None,
+            colorize=sys.stderr.isatty(),
             backtrace=False,
             diagnose=False,
         )
@@ -68,3 +117,5 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
     noisy_level = logging.DEBUG if level in ("TRACE",) else logging.WARNING
     for name in _QUIET_BELOW_WARNING:
         logging.getLogger(name).setLevel(noisy_level)
+    # The pool logs every failed reconnection attempt; the worker logs the outage once.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from devstack import jwt
@@ -308,3 +309,31 @@ async def test_kill_9_mid_stream_the_subscriber_text_equals_the_stored_transcrip
         "role": "assistant",
         "content": caught_up.snapshot.content,
     }
+
+
+async def test_a_request_the_sweep_fails_is_reported_to_the_subscriber(
+    database_url: str,
+    realtime: RealtimeServer,
+    upstream: SimulatedUpstream,
+    repo: PostgresJobRepository,
+) -> None:
+    """Issue 13: a row out of attempts after crashes was failed by the sweep in silence."""
+    settings = settings_for(env_for(database_url, realtime, upstream))
+    session = await repo.create_session_as(USER_A)
+    submitted = await repo.submit_as(USER_A, NewRequest(HELLO, session_id=session))
+    # What a third crashed worker leaves: running, out of attempts, its lease expired.
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE public.llm_requests SET status = 'running', attempts = %s,"
+            " lease_owner = 'dead', lease_expires_at = now() - interval '1 second'"
+            " WHERE id = %s",
+            (settings.relay_max_attempts, submitted.id),
+        )
+    async with subscriber(realtime, USER_A, session) as watcher, worker_in_process(settings, "w"):
+        record = await wait_for(repo, submitted.id, lambda r: r.status == "failed")
+        await watcher.wait_finished(timeout_s=WAIT_S)
+    assert record.error is not None and record.error["type"] == "attempts_exhausted"
+    error = the_stream(watcher, submitted.id).error
+    assert error is not None and error.type == "attempts_exhausted"
+    assert error.retryable is False
+    assert f"{settings.relay_max_attempts} attempts" in error.message

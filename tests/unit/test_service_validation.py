@@ -4,7 +4,9 @@ import pytest
 
 from worker.config import Settings
 from worker.errors import BadInputError
-from worker.jobs.models import Job, Snapshot
+from worker.jobs.decode import decode_column
+from worker.jobs.models import Job, Snapshot, Undecodable
+from worker.service.context import error_info
 from worker.service.validation import validate_job
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -94,3 +96,70 @@ def test_an_allowlisted_model_passes() -> None:
     s = settings(relay_allowed_models=" gpt-4o-mini , llama-3.1-8b-instant")
     assert validate_job(job(model="llama-3.1-8b-instant"), s).model == "llama-3.1-8b-instant"
     assert s.allowed_models == {"gpt-4o-mini", "llama-3.1-8b-instant"}
+
+
+# --- issue 12: hostile rows ---
+
+
+def test_a_role_that_is_a_list_is_a_bad_request_not_a_type_error() -> None:
+    with pytest.raises(BadInputError) as caught:
+        validate_job(job(messages=[{"role": ["user"], "content": "hi"}]), settings())
+    assert caught.value.field == "messages"
+    assert caught.value.value == "['user']"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x" * 200}}]},
+        {"role": "user", "content": "hi", "name": "n" * 200},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "a" * 200}}
+            ],
+        },
+    ],
+    ids=["image_url", "name", "tool_call_arguments"],
+)
+def test_every_string_of_a_message_counts_against_the_character_limit(
+    message: dict[str, Any],
+) -> None:
+    with pytest.raises(BadInputError, match="messages too long") as caught:
+        validate_job(job(messages=[message]), settings(relay_max_message_chars=150))
+    assert caught.value.field == "messages"
+
+
+def test_an_undecodable_column_is_failed_with_its_own_reason() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    messages = decode_column("messages", deep)
+    assert isinstance(messages, Undecodable)
+    with pytest.raises(BadInputError, match="messages is nested too deeply") as caught:
+        validate_job(job(messages=messages), settings())
+    assert caught.value.field == "messages"
+    assert caught.value.value is not None and len(caught.value.value) <= 130
+    moderately_deep = "[" * 100 + "]" * 100  # json decodes it; still far beyond any message
+    assert isinstance(decode_column("messages", moderately_deep), Undecodable)
+    assert decode_column("messages", '[{"role": "user", "content": "hi"}]') == [
+        {"role": "user", "content": "hi"}
+    ]
+
+
+def test_a_huge_provider_name_gives_a_bounded_error() -> None:
+    with pytest.raises(BadInputError) as caught:
+        validate_job(job(provider="p" * 1_000_000), settings())
+    info = error_info(caught.value)
+    assert info["field"] == "provider"
+    assert len(info["message"]) <= 600
+    assert len(info["value"]) <= 130
+
+
+def test_any_unforeseen_failure_of_a_check_is_still_a_bad_request() -> None:
+    class Hostile(dict[str, Any]):
+        def get(self, *_: Any, **__: Any) -> Any:
+            raise RuntimeError("boom")
+
+    with pytest.raises(BadInputError, match="cannot be validated") as caught:
+        validate_job(job(messages=[Hostile()]), settings())
+    assert caught.value.field == "request"

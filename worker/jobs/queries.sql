@@ -128,7 +128,8 @@ WHERE id = %(id)s
 RETURNING id;
 
 -- name: get
-SELECT id, session_id, owner, provider, model, messages, params, status, attempts,
+-- Not the inputs: a status read must work for a row whose messages cannot be decoded.
+SELECT id, session_id, owner, provider, model, status, attempts,
        lease_owner, lease_expires_at, cancel_requested, content, reasoning,
        next_offset, next_seq, finish_reason, usage, error, created_at, finished_at
 FROM public.llm_requests
