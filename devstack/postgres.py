@@ -114,6 +114,44 @@ class EmbeddedPostgres:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
+    @property
+    def socket_path(self) -> str:
+        """The server's Unix socket (a TCP proxy in front of it reaches it here)."""
+        info = self._server.get_postmaster_info() if self._server is not None else None
+        if info is None or info.socket_dir is None:
+            raise RuntimeError("EmbeddedPostgres not started on a Unix socket")
+        return f"{info.socket_dir}/.s.PGSQL.{info.port or 5432}"
+
+    def pause(self) -> None:
+        """Stop the server process (fast shutdown: sessions are closed), keeping its data
+        and socket directory, so `resume()` brings the same URLs back (fault tests)."""
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
+
+    def resume(self) -> None:
+        """Start the server again after `pause()`."""
+        info = self._server.get_postmaster_info()
+        self._pg_ctl(
+            [
+                "-w",
+                "-o",
+                '-h ""',
+                "-o",
+                f"-k {info.socket_dir}",
+                "-l",
+                str(self._server.log),
+                "start",
+            ]
+        )
+        # pgserver stops the process it knows of at exit: tell it the new one.
+        utils = importlib.import_module("pgserver.utils")
+        self._server._postmaster_info = utils.PostmasterInfo.read_from_pgdata(self._server.pgdata)
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        if self._server is None:
+            raise RuntimeError("EmbeddedPostgres not started")
+        pg_ctl = importlib.import_module("pgserver._commands").pg_ctl
+        pg_ctl(args, pgdata=self._server.pgdata, user=self._server.system_user, timeout=30)
+
     def stop(self) -> None:
         if self._server is not None:
             with warnings.catch_warnings():

@@ -10,6 +10,7 @@ aborts. `llm-relay run --runner worker.service.testing:scripted -o tokens=200
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ class ScriptedRunner:
     published: list[tuple[str, int, str]] = field(default_factory=list)  # (job, offset, text)
     statuses: list[tuple[str, str]] = field(default_factory=list)  # (job, llm-status kind)
     started: list[str] = field(default_factory=list)
+    # (job, attempt, offset, time.monotonic()) of every token "published": what the
+    # fault tests check for two workers publishing one stream at once.
+    sends: list[tuple[str, int, int, float]] = field(default_factory=list)
 
     async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
         self.started.append(job.id)
@@ -55,6 +59,7 @@ class ScriptedRunner:
                 raise self.fail_with
             text = scripted_token(offset)
             self.published.append((job.id, offset, text))
+            self.sends.append((job.id, job.attempts, offset, time.monotonic()))
             reasoning = offset < self.reasoning_tokens
             snapshot = Snapshot(
                 content=snapshot.content + ("" if reasoning else text),
