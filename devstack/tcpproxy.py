@@ -103,6 +103,9 @@ class FaultProxy:
 
     # --- plumbing ---
 
+    def _cut_since_accept(self, pair: _Pair) -> bool:
+        return pair not in self._pairs  # cut() forgets every pair it closed
+
     async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._unix_path is not None:
             return await asyncio.open_unix_connection(self._unix_path)
@@ -117,7 +120,7 @@ class FaultProxy:
         self._pairs.add(pair)
         try:
             await self._flowing.wait()  # a blackholed connect hangs, as over a partition
-            if self.mode is Mode.CUT:
+            if self._cut_since_accept(pair):
                 return
             up_reader, up_writer = await self._connect_upstream()
             pair.upstream = up_writer
