@@ -218,11 +218,15 @@ async def test_a_blackholed_path_never_lets_two_workers_publish_one_stream(
 async def test_after_a_one_second_cut_no_claim_cycle_is_lost(
     pg_cluster: EmbeddedPostgres, database_url: str
 ) -> None:
+    """The issue's case: idle pooled connections go stale in a cut between two claims;
+    each then failed one claim cycle (a poll interval) before it was replaced."""
     runner = ScriptedRunner(tokens=3, delay_s=0.001)
     repo = PostgresJobRepository.from_url(database_url, pool_size=1)
     async with FaultProxy(unix_path=pg_cluster.socket_path) as proxy:
         try:
-            settings = fault_settings(via_proxy(database_url, proxy))
+            # A long poll: the cut falls between claims, as with the defaults (2 s);
+            # NOTIFY still wakes the claim loop at once.
+            settings = fault_settings(via_proxy(database_url, proxy), relay_poll_interval_s=4.0)
             async with running_worker(settings, runner, "w-cut") as (worker, task, base):
                 await wait_ready(base, 200)
                 warm = [(await repo.submit_as(USER_A, NewRequest(HELLO))).id for _ in range(4)]
