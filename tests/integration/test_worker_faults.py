@@ -163,13 +163,13 @@ async def test_postgres_stopped_and_restarted_the_worker_rides_it_out(
         ):
             await wait_ready(base, 200)
             ids = await running_streams(repo, 4)
-            pg_cluster.pause()
+            await asyncio.to_thread(pg_cluster.pause)  # pg_ctl blocks: not on the loop
             try:
                 await wait_ready(base, 503, within_s=OUTAGE_S)
                 await asyncio.sleep(OUTAGE_S)
                 assert not task.done() and worker.live  # no exit while the database is away
             finally:
-                pg_cluster.resume()
+                await asyncio.to_thread(pg_cluster.resume)
             await wait_ready(base, 200)
             records = await wait_rows(repo, ids, is_final)
             assert not task.done() and worker.live
@@ -220,7 +220,7 @@ async def test_after_a_one_second_cut_no_claim_cycle_is_lost(
 ) -> None:
     """The issue's case: idle pooled connections go stale in a cut between two claims;
     each then failed one claim cycle (a poll interval) before it was replaced."""
-    runner = ScriptedRunner(tokens=3, delay_s=0.001)
+    runner = ScriptedRunner(tokens=200, delay_s=0.01)  # 2 s a stream
     repo = PostgresJobRepository.from_url(database_url, pool_size=1)
     async with FaultProxy(unix_path=pg_cluster.socket_path) as proxy:
         try:
@@ -231,6 +231,9 @@ async def test_after_a_one_second_cut_no_claim_cycle_is_lost(
                 await wait_ready(base, 200)
                 warm = [(await repo.submit_as(USER_A, NewRequest(HELLO))).id for _ in range(4)]
                 await wait_rows(repo, warm, is_final)
+                # One stream in flight across the cut: a 1 s blip must not cost its lease
+                # (the pool's own reconnect backoff once left it empty for seconds).
+                [across] = await running_streams(repo, 1)
                 proxy.cut()
                 await asyncio.sleep(1.0)
                 proxy.restore()
@@ -240,10 +243,14 @@ async def test_after_a_one_second_cut_no_claim_cycle_is_lost(
                 records = await wait_rows(repo, later, is_final)
                 # Every pooled connection went stale in the cut; none may cost a claim.
                 assert worker.metrics.queue_errors._value.get() == errors_before
+                [kept] = await wait_rows(repo, [across], is_final)
+                assert worker.metrics.leases_lost._value.get() == 0
                 assert not task.done()
         finally:
             await repo.close()
     assert [r.status for r in records] == ["done"] * 4
+    assert (kept.status, kept.attempts) == ("done", 1)
+    assert kept.snapshot.content == scripted_text(0, 200)
 
 
 async def test_the_worker_process_waits_for_the_database_at_start_up(

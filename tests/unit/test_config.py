@@ -4,6 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from worker.config import Settings, render_env_example, render_markdown_table
+from worker.service.http import HealthServer
+from worker.service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,3 +53,15 @@ def test_readme_configuration_table_is_generated_from_settings() -> None:
     start, end = "<!-- settings:start -->\n", "<!-- settings:end -->"
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table.strip() == render_markdown_table().strip()
+
+
+def test_metrics_listen_on_loopback_unless_configured() -> None:
+    """Issue 12: /metrics listened on 0.0.0.0 by default."""
+    assert Settings(_env_file=None).relay_http_host == "127.0.0.1"
+    server = HealthServer(metrics=Metrics(), live=lambda: True, ready=lambda: True)
+    assert server._host == "127.0.0.1"
+
+
+def test_the_database_call_deadline_never_exceeds_the_heartbeat_interval() -> None:
+    s = Settings(_env_file=None, relay_db_timeout_s=5, relay_heartbeat_interval_s=0.5)
+    assert s.db_call_timeout_s == 0.5

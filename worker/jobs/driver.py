@@ -89,8 +89,11 @@ class PsycopgDriver:
             connection_class=psycopg.AsyncConnection[DictRow],
             check=self._check_connection,
             timeout=call_timeout_s / 2,
-            # Keep trying to refill the pool during an outage of any length.
-            reconnect_timeout=float("inf"),
+            # The pool's own reconnection backs off without a cap (1, 2, 4 ... s): after
+            # an outage the pool could stay empty long after the database is back, and
+            # leases would be lost to it. Give a lost connection up quickly instead;
+            # the next call that finds the pool short grows it at once.
+            reconnect_timeout=call_timeout_s * 2,
             open=False,
             name="llm-relay-queue",
         )

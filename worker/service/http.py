@@ -30,7 +30,7 @@ class HealthServer:
         metrics: Metrics,
         live: Callable[[], bool],
         ready: Callable[[], bool],
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         port: int = 0,
         with_default_registry: bool = False,
     ) -> None:
