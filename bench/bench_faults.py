@@ -146,9 +146,11 @@ async def scenario(
         tasks.append(asyncio.create_task(workers[1].run()))
         await asyncio.sleep(0.5)
         started = time.monotonic()
+        stopping: asyncio.Future[None] | None = None
         if fault == "postgres-stop":
-            # pg_ctl waits for the shutdown: in a thread, or the workers would stall.
-            await asyncio.to_thread(pg.pause)
+            # pg_ctl waits for the shutdown: in a thread, or the workers would stall;
+            # and not awaited before watching, or its own duration would be counted.
+            stopping = asyncio.ensure_future(asyncio.to_thread(pg.pause))
         elif fault == "blackhole":
             proxy.blackhole()
         elif fault == "cut":
@@ -156,6 +158,8 @@ async def scenario(
         not_ready = None
         if fault != "none":
             not_ready = await watch_ready(workers[0], False, started, duration_s)
+        if stopping is not None:
+            await stopping
         await asyncio.sleep(max(duration_s - (time.monotonic() - started), 0))
         if fault == "postgres-stop":
             await asyncio.to_thread(pg.resume)  # time to ready counts from here: it answers

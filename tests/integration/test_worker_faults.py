@@ -163,12 +163,14 @@ async def test_postgres_stopped_and_restarted_the_worker_rides_it_out(
         ):
             await wait_ready(base, 200)
             ids = await running_streams(repo, 4)
-            await asyncio.to_thread(pg_cluster.pause)  # pg_ctl blocks: not on the loop
+            stopping = asyncio.ensure_future(asyncio.to_thread(pg_cluster.pause))  # pg_ctl blocks
             try:
                 await wait_ready(base, 503, within_s=OUTAGE_S)
+                await stopping
                 await asyncio.sleep(OUTAGE_S)
                 assert not task.done() and worker.live  # no exit while the database is away
             finally:
+                await stopping
                 await asyncio.to_thread(pg_cluster.resume)
             await wait_ready(base, 200)
             records = await wait_rows(repo, ids, is_final)

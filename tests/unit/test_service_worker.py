@@ -12,9 +12,10 @@ import pytest
 from loguru import logger
 
 from worker.config import Settings
-from worker.errors import QueueError, UpstreamError
-from worker.jobs.models import Job, NewRequest, Snapshot
+from worker.errors import PublishError, QueueError, UpstreamError
+from worker.jobs.models import Job, NewRequest, Snapshot, Swept
 from worker.jobs.testing import InMemoryJobRepository
+from worker.relay.publisher import Publisher
 from worker.service.context import Outcome, StreamContext, StreamRunner
 from worker.service.testing import ScriptedRunner, scripted_text
 from worker.service.worker import Worker, WorkerState
@@ -420,3 +421,73 @@ async def test_a_starved_loop_makes_the_heartbeat_warn_before_leases_expire() ->
             await wait_until(lambda: any("heartbeat ran" in w for w in warnings))
     finally:
         logger.remove(sink)
+
+
+async def test_readiness_includes_the_dependencies_the_caller_names() -> None:
+    """Issue 13: /readyz reflects the publisher (the runner's `ready()`)."""
+    repo = InMemoryJobRepository()
+    publisher_up = [False]
+    worker = Worker(
+        repo,
+        ScriptedRunner(tokens=1, delay_s=0.001),
+        fast_settings(),
+        ready_checks=[lambda: publisher_up[0]],
+    )
+    async with running(worker):
+        await wait_until(lambda: worker.metrics.queue_errors._value.get() == 0 and worker.live)
+        await asyncio.sleep(0.2)
+        assert not worker.ready
+        publisher_up[0] = True
+        await wait_until(lambda: worker.ready)
+
+
+async def test_a_publisher_that_never_started_fails_its_supervised_task() -> None:
+    publisher = Publisher(fast_settings(), api_key="service-key")
+    assert not publisher.ready()
+    with pytest.raises(PublishError, match="supervisor is not running"):
+        await publisher.supervised()
+
+
+class PartitionedRepository(InMemoryJobRepository):
+    """The queue as seen across a partition: once `down`, every lease call fails."""
+
+    down = False
+
+    async def heartbeat(self, **kwargs: Any) -> dict[str, bool]:
+        if self.down:
+            raise QueueError("partitioned")
+        return await super().heartbeat(**kwargs)
+
+    async def check(self) -> None:
+        if self.down:
+            raise QueueError("partitioned")
+
+    async def claim(self, **kwargs: Any) -> list[Job]:
+        if self.down:
+            raise QueueError("partitioned")
+        return await super().claim(**kwargs)
+
+    async def sweep(self, **kwargs: Any) -> list[Swept]:
+        if self.down:
+            raise QueueError("partitioned")
+        return await super().sweep(**kwargs)
+
+
+async def test_a_stream_whose_lease_cannot_be_renewed_stops_before_the_lease_expires() -> None:
+    """Issue 13: self-fencing by time; the worker itself stays up."""
+    repo = PartitionedRepository()
+    runner = ScriptedRunner(tokens=100_000, delay_s=0.005)
+    settings = fast_settings(relay_lease_s=1.0, relay_heartbeat_interval_s=0.1)
+    worker = Worker(repo, runner, settings)
+    async with running(worker) as task:
+        job_id = repo.add(NewRequest(HELLO))
+        await wait_until(lambda: len(runner.sends) >= 5)
+        repo.down = True
+        await wait_until(lambda: worker.metrics.leases_lost._value.get() == 1)
+        expires_at = repo.rows[job_id].lease_expires_at
+        assert expires_at is not None
+        last_send = runner.sends[-1][3]
+        assert last_send < expires_at  # stopped while the lease still held
+        await asyncio.sleep(settings.relay_lease_s)
+        assert not task.done() and worker.live and not worker.ready
+        assert runner.sends[-1][3] == last_send  # nothing published since

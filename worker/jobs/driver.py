@@ -93,7 +93,7 @@ class PsycopgDriver:
             # an outage the pool could stay empty long after the database is back, and
             # leases would be lost to it. Give a lost connection up quickly instead;
             # the next call that finds the pool short grows it at once.
-            reconnect_timeout=call_timeout_s * 2,
+            reconnect_timeout=call_timeout_s,
             open=False,
             name="llm-relay-queue",
         )

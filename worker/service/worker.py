@@ -500,10 +500,11 @@ class Worker:
         # Half the slack a lease leaves after one interval: later than that, a starved
         # event loop is about to let leases expire (seen in bench/RESULTS.md, scale-out).
         late_warning_s = (s.relay_lease_s - s.relay_heartbeat_interval_s) / 2
+        pause = s.relay_heartbeat_interval_s
         while True:
             slept_from = loop.time()
-            await asyncio.sleep(s.relay_heartbeat_interval_s)
-            late = loop.time() - slept_from - s.relay_heartbeat_interval_s
+            await asyncio.sleep(pause)
+            late = loop.time() - slept_from - pause
             if late > late_warning_s:
                 self._log.warning(
                     "lease heartbeat ran {:.1f} s late: the event loop is starved and leases "
@@ -511,9 +512,12 @@ class Worker:
                     late,
                     s.relay_lease_s,
                 )
-            await self._heartbeat_once()
+            renewed = await self._heartbeat_once()
+            # After a failure, try again sooner: a short blip must not cost the leases
+            # their fence (one interval before expiry).
+            pause = s.relay_heartbeat_interval_s if renewed else s.relay_heartbeat_interval_s / 4
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self) -> bool:
         """Renew every lease held; with none, one round trip still tells readiness."""
         s = self._settings
         loop = asyncio.get_running_loop()
@@ -529,7 +533,7 @@ class Worker:
                 await self._repo.check()
         except QueueError as exc:
             self._queue_call(ok=False, error=exc)
-            return  # the fence stops streams before their leases can expire
+            return False  # the fence stops streams before their leases can expire
         self._queue_call(ok=True)
         for job_id in ids:
             active = self._active.get(job_id)
@@ -539,6 +543,7 @@ class Worker:
                 self._abort(job_id, "cancelled")
             elif active is not None:
                 active.renewed_at = max(active.renewed_at, sent_at)
+        return True
 
     def _fence_deadline(self, active: _Active) -> float:
         """Loop time by which a stream must have stopped publishing unless renewed."""
