@@ -155,7 +155,7 @@ async def scenario(
         if fault == "postgres-stop":
             # pg_ctl waits for the shutdown: in a thread, or the workers would stall;
             # and not awaited before watching, or its own duration would be counted.
-            stopping = asyncio.ensure_future(asyncio.to_thread(pg.pause))
+            stopping = asyncio.ensure_future(asyncio.to_thread(pg.pause, "fast"))
         elif fault == "blackhole":
             proxy.blackhole()
         elif fault == "cut":
