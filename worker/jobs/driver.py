@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -42,6 +43,8 @@ RETRY_BASE_S = 0.5
 RETRY_CAP_S = 15.0
 # After severing a connection, how long its call may take to notice.
 SEVER_WAIT_S = 0.5
+# A pooled connection idle longer than this is checked before it is lent.
+CHECK_AFTER_IDLE_S = 1.0
 
 
 def connection_kwargs(call_timeout_s: float) -> dict[str, Any]:
@@ -81,75 +84,98 @@ class PsycopgDriver:
         self._url = url
         self.call_timeout_s = call_timeout_s
         self._kwargs = connection_kwargs(call_timeout_s)
-        self._pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+        self._pool = self._new_pool(url, pool_size, "llm-relay-queue")
+        # Lease renewals have a connection of their own: they must never queue behind
+        # checkpoint traffic for a pooled connection while the leases run out.
+        self._lease_pool = self._new_pool(url, 1, "llm-relay-lease")
+        self._answered: dict[int, float] = {}  # id(conn) -> when it last answered a call
+        self._opened = False
+        self._closed = False
+
+    def _new_pool(self, url: str, size: int, name: str) -> AsyncConnectionPool[Connection]:
+        call_timeout_s = self.call_timeout_s
+        return AsyncConnectionPool(
             url,
-            min_size=pool_size,
-            max_size=pool_size,
+            min_size=size,
+            max_size=size,
             kwargs={**self._kwargs, "row_factory": dict_row},
             connection_class=psycopg.AsyncConnection[DictRow],
             check=self._check_connection,
-            timeout=call_timeout_s / 2,
+            timeout=call_timeout_s,
             # The pool's own reconnection backs off without a cap (1, 2, 4 ... s): after
             # an outage the pool could stay empty long after the database is back, and
             # leases would be lost to it. Give a lost connection up quickly instead;
             # the next call that finds the pool short grows it at once.
             reconnect_timeout=call_timeout_s,
             open=False,
-            name="llm-relay-queue",
+            name=name,
         )
-        self._opened = False
-        self._closed = False
 
     async def _check_connection(self, conn: Connection) -> None:
         # The pool's own check, bounded: a connection that went stale during a cut
-        # fails here and is replaced while the caller's call goes on.
-        await bounded(conn, AsyncConnectionPool.check_connection(conn), self.call_timeout_s / 4)
+        # fails here and is replaced while the caller's call goes on. One that just
+        # answered is not checked again: under load the extra round trip per call
+        # would halve what the pool carries (a busy connection that breaks fails
+        # one call and is replaced).
+        if time.monotonic() - self._answered.get(id(conn), float("-inf")) < CHECK_AFTER_IDLE_S:
+            return
+        await bounded(conn, AsyncConnectionPool.check_connection(conn), self.call_timeout_s / 2)
 
     async def _open(self) -> None:
         if not self._opened:
             self._opened = True
             # wait=False: the worker starts (and says it is not ready) while Postgres is away.
             await self._pool.open(wait=False)
+            await self._lease_pool.open(wait=False)
 
     async def check(self) -> None:
         """One round trip, within the call deadline (start-up and readiness)."""
-        await self.fetch_one("SELECT 1 AS ok", {})
+        await self.fetch_one("SELECT 1 AS ok", {}, lease=True)
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    async def connection(self, *, lease: bool = False) -> AsyncIterator[Connection]:
         """Borrow a checked connection (autocommit; `conn.transaction()` for more).
 
-        Waiting for it is bounded (half the call deadline); bound what you run on it
-        with `bounded()` or use `call()`, which does both.
+        Waiting for it is bounded (the call deadline); bound what you run on it with
+        `bounded()` or use `call()`, which does both.
         """
         if self._closed:
             raise QueueError("queue driver is closed")
         await self._open()
+        pool = self._lease_pool if lease else self._pool
         with wrap_exceptions():
-            async with self._pool.connection() as conn:
+            async with pool.connection() as conn:
                 yield conn
 
-    async def call(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run `work` on a pooled connection within the call deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.call_timeout_s
-        async with self.connection() as conn:
+    async def call(self, work: Callable[[Connection], Awaitable[T]], *, lease: bool = False) -> T:
+        """Run `work` on a pooled connection (`lease`: the lease renewals' own one):
+        waiting for the connection and running the work are each bounded by the call
+        deadline."""
+        async with self.connection(lease=lease) as conn:
             with wrap_exceptions():
-                return await bounded(conn, work(conn), max(deadline - loop.time(), 0.05))
+                result = await bounded(conn, work(conn), self.call_timeout_s)
+            if len(self._answered) > 4 * self._pool.max_size:
+                self._answered.clear()  # ids of closed connections; a check costs little
+            self._answered[id(conn)] = time.monotonic()
+            return result
 
-    async def fetch_all(self, query: str, params: dict[str, Any]) -> list[DictRow]:
+    async def fetch_all(
+        self, query: str, params: dict[str, Any], *, lease: bool = False
+    ) -> list[DictRow]:
         async def work(conn: Connection) -> list[DictRow]:
             cursor = await conn.execute(query.encode(), params)
             return await cursor.fetchall()
 
-        return await self.call(work)
+        return await self.call(work, lease=lease)
 
-    async def fetch_one(self, query: str, params: dict[str, Any]) -> DictRow | None:
+    async def fetch_one(
+        self, query: str, params: dict[str, Any], *, lease: bool = False
+    ) -> DictRow | None:
         async def work(conn: Connection) -> DictRow | None:
             cursor = await conn.execute(query.encode(), params)
             return await cursor.fetchone()
 
-        return await self.call(work)
+        return await self.call(work, lease=lease)
 
     async def listen(
         self,
@@ -205,6 +231,7 @@ class PsycopgDriver:
         self._closed = True
         if self._opened:
             await self._pool.close(timeout=self.call_timeout_s)
+            await self._lease_pool.close(timeout=self.call_timeout_s)
 
 
 async def bounded(conn: psycopg.AsyncConnection[Any], work: Awaitable[T], timeout_s: float) -> T:

@@ -151,7 +151,9 @@ class PostgresJobRepository(JobRepository):
         if not ids:
             return {}
         rows = await self._driver.fetch_all(
-            query("heartbeat"), {"worker": worker, "ids": list(ids), "lease_s": lease_s}
+            query("heartbeat"),
+            {"worker": worker, "ids": list(ids), "lease_s": lease_s},
+            lease=True,
         )
         return {str(row["id"]): row["cancel_requested"] for row in rows}
 
