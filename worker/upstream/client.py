@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -523,22 +523,9 @@ class UpstreamClient:
         chunks = response.aiter_raw()
         while not read.parser.done:
             deadline, phase = read.deadlines.next(loop.time(), read.produced, first_at)
-            try:
-                watchdog.arm(deadline, phase)
-                data = await anext(chunks)
-            except StopAsyncIteration:
+            data = await self._read(read, chunks, watchdog, deadline, phase)
+            if data is None:
                 break
-            except asyncio.CancelledError:
-                if not watchdog.timed_out():
-                    raise
-                raise self._timeout(read, watchdog.phase) from None
-            except ReadTimeout as exc:
-                raise self._timeout(read, exc.phase) from None
-            except httpx.HTTPError as exc:
-                error = error_from_httpx(exc, read.parser.provider, clean=self.clean)
-                raise self._with_partial_usage(error, read) from exc
-            finally:
-                watchdog.disarm()
             try:
                 for piece in body.feed(data):
                     batch = self._parse(read, self._decode(read, decoder, piece))
@@ -553,6 +540,32 @@ class UpstreamClient:
                 raise self._malformed(read, str(exc)) from None
         if not read.parser.done:
             yield self._end_of_stream(read, decoder)
+
+    async def _read(
+        self,
+        read: _Read,
+        chunks: AsyncIterator[bytes],
+        watchdog: ReadWatchdog,
+        deadline: float,
+        phase: str,
+    ) -> bytes | None:
+        """The next network read (None: the body ended), bounded by `deadline`."""
+        try:
+            watchdog.arm(deadline, phase)
+            return await anext(chunks)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not watchdog.timed_out():
+                raise
+            raise self._timeout(read, watchdog.phase) from None
+        except ReadTimeout as exc:
+            raise self._timeout(read, exc.phase) from None
+        except httpx.HTTPError as exc:
+            error = error_from_httpx(exc, read.parser.provider, clean=self.clean)
+            raise self._with_partial_usage(error, read) from exc
+        finally:
+            watchdog.disarm()
 
     def _decode(self, read: _Read, decoder: SSEDecoder, piece: bytes) -> list[SSEEvent]:
         """SSE events of one piece; past a bound, the events before it, then (left in
