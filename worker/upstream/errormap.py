@@ -195,6 +195,8 @@ def error_from_object(
     a retryable `server_error`, anything else unknown stays `upstream_error`."""
     message = str(err.get("message") or err.get("type") or "upstream error")
     kind, retryable = _type_from_error_object(err)
+    if status in (401, 403):
+        kind = "auth"  # whatever the body's words: the credentials were refused
     if kind == "upstream_error" and status is not None and status >= 400:
         kind = _type_from_status(status)
     if kind == "upstream_error":
