@@ -257,9 +257,7 @@ def test_per_provider_deadline_wins_over_the_global_one() -> None:
 
 
 def test_read_deadlines_name_the_one_that_comes_first() -> None:
-    limits = settings(relay_first_token_timeout_s=5, relay_idle_timeout_s=2).deadlines_for(
-        "openai"
-    )
+    limits = settings(relay_first_token_timeout_s=5, relay_idle_timeout_s=2).deadlines_for("openai")
     deadlines = ReadDeadlines(limits, total_at=100.0)
     assert deadlines.next(now=10.0, produced=False, sent_at=10.0) == (15.0, "first_token")
     assert deadlines.next(now=50.0, produced=True, sent_at=10.0) == (52.0, "idle")
