@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from devstack.upstream import Fault, SimulatedUpstream
+from tests.conftest import env_without_ours
 from tests.integration.test_upstream_client import REQUEST, TEXT, collect, settings_for, text_of
 from worker.errors import UpstreamError
 from worker.upstream.client import UpstreamClient
@@ -193,11 +193,14 @@ async def test_per_provider_idle_deadline_wins(up: SimulatedUpstream) -> None:
     assert error.type == "timeout" and "RELAY_OPENAI_IDLE_TIMEOUT_S" in error.message
 
 
-async def test_probe_honours_a_per_provider_first_token_deadline(up: SimulatedUpstream) -> None:
+async def test_probe_honours_a_per_provider_first_token_deadline(
+    up: SimulatedUpstream, tmp_path: Path
+) -> None:
     """`llm-relay probe` as a subprocess: the global deadline is long, the provider's short."""
     up.faults.push(Fault.hang_after_headers())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_", "GROQ_"))}
+    env = env_without_ours()
     env.update(
+        PYTHONPATH=str(ROOT),
         OPENAI_API_KEY=KEY,
         OPENAI_BASE_URL=up.base_url,
         RELAY_FIRST_TOKEN_TIMEOUT_S="60",
@@ -212,7 +215,7 @@ async def test_probe_honours_a_per_provider_first_token_deadline(up: SimulatedUp
         "--retries",
         "0",
         env=env,
-        cwd=ROOT,
+        cwd=tmp_path,  # no stray .env
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

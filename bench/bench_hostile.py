@@ -1,0 +1,152 @@
+"""Peak RSS of the worker path under each hostile upstream mode (issue #12).
+
+    python -m bench.bench_hostile [--tree PATH] [--out bench/out/hostile.json]
+
+In this process: the local Realtime server and the simulated upstream (with its
+hostile modes). Per mode: `python -m worker once` as a subprocess (the real path:
+upstream client -> relay_stream -> acked publisher -> Realtime), its peak RSS from
+`wait4()`'s `ru_maxrss`, its exit, wall time and the error it reported. References in
+the same run: `healthy` (a normal stream through the same path) and `idle` (the
+worker's CLI started and left at once: `python -m worker --help`).
+
+`--tree` runs another checkout's worker (e.g. main before the fix) against the same
+stand-ins; the sizes below keep the pre-fix run finite (it reads all of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from devstack.jwt import api_key
+from devstack.realtime import RealtimeServer
+from devstack.upstream import Fault, SimulatedUpstream
+
+KEY = "sk-bench-hostile-0123456789"
+MIB = 1 << 20
+ROOT = Path(__file__).resolve().parents[1]
+PER_MODE_TIMEOUT_S = 300.0
+
+
+def modes() -> dict[str, Fault | None]:
+    return {
+        "healthy": None,
+        "empty_data": Fault.empty_data(),
+        "endless_data": Fault.endless_data(after_tokens=3, size_bytes=512 * MIB),
+        "no_newline": Fault.no_newline(after_tokens=3, size_bytes=64 * MIB),
+        "gzip_bomb": Fault.gzip_bomb(size_bytes=512 * MIB),
+        "ignore_max_tokens": Fault.ignore_max_tokens(tokens=200_000),
+        "nul_token": Fault.nul_token(after_tokens=3),
+        "echo_key": Fault.echo_key(status=500),
+        "inband_error": Fault.inband_error(after_tokens=5, style="openrouter", code=502),
+    }
+
+
+def _env(realtime: RealtimeServer, upstream: SimulatedUpstream, tree: Path) -> dict[str, str]:
+    ours = ("RELAY_", "SUPABASE_", "OPENAI_", "GROQ_", "DATABASE_URL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env.update(
+        PYTHONPATH=str(tree),
+        SUPABASE_URL=realtime.url,
+        SUPABASE_SERVICE_ROLE_KEY=api_key("service_role"),
+        OPENAI_API_KEY=KEY,
+        OPENAI_BASE_URL=upstream.base_url,
+        RELAY_PRIVATE_CHANNELS="false",
+        RELAY_UPSTREAM_RETRIES="0",
+        RELAY_HTTP_PORT="0",
+        RELAY_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def _run_child(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Start, wait with wait4 (peak RSS of exactly this child), parse its stdout."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    out = b""
+    deadline = started + PER_MODE_TIMEOUT_S
+    os.set_blocking(proc.stdout.fileno(), False)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        chunk = proc.stdout.read() or b""
+        out += chunk
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.02)
+    out += proc.stdout.read() or b""
+    proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+    summary: dict[str, Any] = {}
+    for line in out.decode(errors="replace").splitlines():
+        if line.startswith("{"):
+            summary = json.loads(line)
+    return {
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+        "exit": proc.returncode,
+        "seconds": round(time.monotonic() - started, 2),
+        "tokens": summary.get("tokens"),
+        "finish_reason": summary.get("finish_reason"),
+        "error": summary.get("error"),
+    }
+
+
+async def run(tree: Path) -> dict[str, Any]:
+    realtime = RealtimeServer()
+    await realtime.start()
+    upstream = SimulatedUpstream(text="Hostile bench: a short answer of a few words. " * 4)
+    upstream.api_key = KEY
+    await upstream.start()
+    results: dict[str, Any] = {}
+    try:
+        env = _env(realtime, upstream, tree)
+        cwd = Path("/tmp")  # no stray .env
+        idle = [sys.executable, "-m", "worker", "--help"]
+        results["idle"] = await asyncio.to_thread(_run_child, idle, env, cwd)
+        for name, fault in modes().items():
+            upstream.faults.clear()
+            if fault is not None:
+                upstream.faults.push(fault)
+            command = [
+                *(sys.executable, "-m", "worker", "once", "--session", f"bench-{name}"),
+                *("--max-tokens", "10", "hello"),
+            ]
+            results[name] = await asyncio.to_thread(_run_child, command, env, cwd)
+            print(name, results[name], file=sys.stderr, flush=True)
+    finally:
+        await upstream.stop()
+        await realtime.stop()
+    return {
+        "tree": str(tree),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+        f"Python {platform.python_version()} (shared with other sessions)",
+        "modes": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_hostile")
+    parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose worker runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "hostile.json")
+    args = parser.parse_args()
+    report = asyncio.run(run(args.tree.resolve()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
