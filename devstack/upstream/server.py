@@ -185,7 +185,8 @@ class SimulatedUpstream:
             # A careless upstream (or proxy) that quotes the request's credentials back.
             echoed = request.headers.get("Authorization", "")
             message = f"upstream failure; request had Authorization: {echoed}"
-            return self._error(fault.status, message, "server_error", "echo")
+            kind = "server_error" if fault.status >= 500 else "invalid_request_error"
+            return self._error(fault.status, message, kind, "echo")
         if fault is not None and fault.kind == "gzip_bomb":
             return await _gzip_bomb(request, fault.size_bytes)
         return await _Streamer(self, request, body, model, fault).run()
