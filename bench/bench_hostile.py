@@ -1,6 +1,6 @@
 """Peak RSS of the worker path under each hostile upstream mode (issue #12).
 
-    python -m bench.bench_hostile [--tree PATH] [--out bench/out/hostile.json]
+    python -m bench.bench_hostile [--tree PATH] [--modes a,b] [--out bench/out/hostile.json]
 
 In this process: the local Realtime server and the simulated upstream (with its
 hostile modes). Per mode: `python -m worker once` as a subprocess (the real path:
@@ -43,6 +43,7 @@ def modes() -> dict[str, Fault | None]:
         "endless_data": Fault.endless_data(after_tokens=3, size_bytes=512 * MIB),
         "no_newline": Fault.no_newline(after_tokens=3, size_bytes=64 * MIB),
         "gzip_bomb": Fault.gzip_bomb(size_bytes=512 * MIB),
+        "gzip_bomb_line": Fault.gzip_bomb(size_bytes=512 * MIB, style="line"),
         "ignore_max_tokens": Fault.ignore_max_tokens(tokens=200_000),
         "nul_token": Fault.nul_token(after_tokens=3),
         "echo_key": Fault.echo_key(status=500),
@@ -104,7 +105,7 @@ def _run_child(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, 
     }
 
 
-async def run(tree: Path) -> dict[str, Any]:
+async def run(tree: Path, only: set[str]) -> dict[str, Any]:
     realtime = RealtimeServer()
     await realtime.start()
     upstream = SimulatedUpstream(text="Hostile bench: a short answer of a few words. " * 4)
@@ -117,6 +118,8 @@ async def run(tree: Path) -> dict[str, Any]:
         idle = [sys.executable, "-m", "worker", "--help"]
         results["idle"] = await asyncio.to_thread(_run_child, idle, env, cwd)
         for name, fault in modes().items():
+            if only and name not in only:
+                continue
             upstream.faults.clear()
             if fault is not None:
                 upstream.faults.push(fault)
@@ -141,8 +144,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_hostile")
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose worker runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "hostile.json")
+    parser.add_argument("--modes", default="", help="comma-separated subset (default: all)")
     args = parser.parse_args()
-    report = asyncio.run(run(args.tree.resolve()))
+    only = {m.strip() for m in args.modes.split(",") if m.strip()}
+    report = asyncio.run(run(args.tree.resolve(), only))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

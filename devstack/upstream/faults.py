@@ -25,7 +25,7 @@ FaultKind = Literal[
     "empty_data",  # a healthy stream with `data:` / `data: ` keep-alive events between tokens
     "endless_data",  # after `after_tokens`, `data:` lines that never reach a blank line
     "no_newline",  # after `after_tokens`, one line that never ends
-    "gzip_bomb",  # Content-Encoding gzip: `size_bytes` of comment lines, ~1000:1
+    "gzip_bomb",  # Content-Encoding gzip: `size_bytes` of comment lines (or one line), ~1000:1
     "ignore_max_tokens",  # stream `size_bytes` tokens whatever max_tokens says
     "nul_token",  # after `after_tokens`, a token holding U+0000, then the rest
     "echo_key",  # an HTTP `status` error whose message quotes the Authorization header
@@ -149,8 +149,10 @@ class Fault:
         return cls("no_newline", after_tokens=after_tokens, size_bytes=size_bytes)
 
     @classmethod
-    def gzip_bomb(cls, *, size_bytes: int = 512 << 20) -> Fault:
-        return cls("gzip_bomb", size_bytes=size_bytes)
+    def gzip_bomb(cls, *, size_bytes: int = 512 << 20, style: str = "lines") -> Fault:
+        """`style`: "lines" (comment lines: only a decoded-body bound stops it) or
+        "line" (`data: ` and one line of zeros that never ends)."""
+        return cls("gzip_bomb", size_bytes=size_bytes, style=style)
 
     @classmethod
     def ignore_max_tokens(cls, *, tokens: int = 1_000_000) -> Fault:

@@ -188,7 +188,7 @@ class SimulatedUpstream:
             kind = "server_error" if fault.status >= 500 else "invalid_request_error"
             return self._error(fault.status, message, kind, "echo")
         if fault is not None and fault.kind == "gzip_bomb":
-            return await _gzip_bomb(request, fault.size_bytes)
+            return await _gzip_bomb(request, fault.size_bytes, fault.style)
         return await _Streamer(self, request, body, model, fault).run()
 
     def _error(
@@ -501,12 +501,13 @@ _BOMB_LINE = b": keep-alive\n"
 
 
 @functools.lru_cache(maxsize=4)
-def gzip_bomb_body(size_bytes: int) -> bytes:
-    """gzip of `size_bytes` of SSE comment lines: tiny on the wire, huge once inflated
-    (valid SSE throughout, so only a bound on the decoded body stops it)."""
+def gzip_bomb_body(size_bytes: int, style: str = "lines") -> bytes:
+    """gzip of `size_bytes`: tiny on the wire, huge once inflated. "lines": SSE comment
+    lines (valid SSE throughout, so only a bound on the decoded body stops it); "line":
+    `data: ` and zeros without a line end."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    block = _BOMB_LINE * (1 << 16)
-    parts = []
+    block = _BOMB_LINE * (1 << 16) if style == "lines" else b"0" * (1 << 20)
+    parts = [compressor.compress(b"data: ")] if style == "line" else []
     left = size_bytes
     while left > 0:
         piece = block if left >= len(block) else block[:left]
@@ -516,8 +517,8 @@ def gzip_bomb_body(size_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-async def _gzip_bomb(request: web.Request, size_bytes: int) -> web.StreamResponse:
-    body = gzip_bomb_body(size_bytes)
+async def _gzip_bomb(request: web.Request, size_bytes: int, style: str) -> web.StreamResponse:
+    body = gzip_bomb_body(size_bytes, style)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
     )
