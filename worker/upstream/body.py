@@ -32,7 +32,14 @@ class BodyDecoder:
     Raises `BodyLimitError` from the constructor (unknown encoding) and from `feed`.
     """
 
-    __slots__ = ("_inflate", "_raw_deflate", "decoded_bytes", "max_bytes", "piece_bytes")
+    __slots__ = (
+        "_inflate",
+        "_raw_deflate",
+        "decoded_bytes",
+        "identity",
+        "max_bytes",
+        "piece_bytes",
+    )
 
     def __init__(self, encoding: str, max_bytes: int, *, piece_bytes: int = PIECE_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -41,16 +48,15 @@ class BodyDecoder:
         self._raw_deflate = False
         codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
         codings = [c for c in codings if c != "identity"]
-        if not codings:
-            self._inflate: zlib._Decompress | None = None
-        elif codings in (["gzip"], ["x-gzip"]):
+        self._inflate: zlib._Decompress | None = None
+        self.identity = not codings  # then `count()` each read, no `feed()` generator
+        if codings in (["gzip"], ["x-gzip"]):
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif codings == ["deflate"]:
             # "deflate" is zlib-wrapped by the RFC, raw in some servers: decided on the
             # first byte (a zlib header's low nibble is 8, the deflate method).
-            self._inflate = None
             self._raw_deflate = True
-        else:
+        elif codings:
             raise BodyLimitError(f"unsupported content-encoding {encoding!r}")
 
     def feed(self, raw: bytes) -> Iterator[bytes]:
@@ -61,7 +67,7 @@ class BodyDecoder:
             self._inflate = zlib.decompressobj(wbits)
         inflate = self._inflate
         if inflate is None:
-            yield self._count(raw)
+            yield self.count(raw)
             return
         data = raw
         while data:
@@ -70,12 +76,13 @@ class BodyDecoder:
             except zlib.error as exc:
                 raise BodyLimitError(f"the compressed body is corrupt: {exc}") from exc
             if piece:
-                yield self._count(piece)
+                yield self.count(piece)
             data = inflate.unconsumed_tail
             if inflate.eof:
                 break
 
-    def _count(self, piece: bytes) -> bytes:
+    def count(self, piece: bytes) -> bytes:
+        """An identity body's read, counted against `max_bytes` (returned as is)."""
         self.decoded_bytes += len(piece)
         if self.decoded_bytes > self.max_bytes:
             raise BodyLimitError(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -521,60 +521,59 @@ class UpstreamClient:
         except BodyLimitError as exc:
             raise self._malformed(read, str(exc)) from None
         chunks = response.aiter_raw()
-        while not read.parser.done:
-            deadline, phase = read.deadlines.next(loop.time(), read.produced, first_at)
-            data = await self._read(read, chunks, watchdog, deadline, phase)
-            if data is None:
-                break
+        parser = read.parser
+        deadlines = read.deadlines
+        while not parser.done:
+            deadline, phase = deadlines.next(loop.time(), read.produced, first_at)
             try:
-                for piece in body.feed(data):
-                    batch = self._parse(read, self._decode(read, decoder, piece))
+                watchdog.arm(deadline, phase)
+                data = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                if not watchdog.timed_out():
+                    raise
+                raise self._timeout(read, watchdog.phase) from None
+            except (ReadTimeout, httpx.HTTPError) as exc:
+                raise self._read_failed(read, exc) from exc
+            finally:
+                watchdog.disarm()
+            try:
+                # Identity (the usual case): one piece, counted without a generator.
+                pieces = (body.count(data),) if body.identity else body.feed(data)
+                for piece in pieces:
+                    batch = self._piece(read, decoder, piece, stats)
                     if batch:
-                        self._note_output(read, batch, stats)
                         yield batch
                     if read.error is not None:
                         raise read.error
-                    if read.parser.done:
+                    if parser.done:
                         break
             except BodyLimitError as exc:
                 raise self._malformed(read, str(exc)) from None
-        if not read.parser.done:
+        if not parser.done:
             yield self._end_of_stream(read, decoder)
 
-    async def _read(
-        self,
-        read: _Read,
-        chunks: AsyncIterator[bytes],
-        watchdog: ReadWatchdog,
-        deadline: float,
-        phase: str,
-    ) -> bytes | None:
-        """The next network read (None: the body ended), bounded by `deadline`."""
-        try:
-            watchdog.arm(deadline, phase)
-            return await anext(chunks)
-        except StopAsyncIteration:
-            return None
-        except asyncio.CancelledError:
-            if not watchdog.timed_out():
-                raise
-            raise self._timeout(read, watchdog.phase) from None
-        except ReadTimeout as exc:
-            raise self._timeout(read, exc.phase) from None
-        except httpx.HTTPError as exc:
-            error = error_from_httpx(exc, read.parser.provider, clean=self.clean)
-            raise self._with_partial_usage(error, read) from exc
-        finally:
-            watchdog.disarm()
+    def _read_failed(self, read: _Read, exc: ReadTimeout | httpx.HTTPError) -> UpstreamError:
+        if isinstance(exc, ReadTimeout):
+            return self._timeout(read, exc.phase)
+        error = error_from_httpx(exc, read.parser.provider, clean=self.clean)
+        return self._with_partial_usage(error, read)
 
-    def _decode(self, read: _Read, decoder: SSEDecoder, piece: bytes) -> list[SSEEvent]:
-        """SSE events of one piece; past a bound, the events before it, then (left in
-        `read.error`) a `malformed` failure."""
+    def _piece(
+        self, read: _Read, decoder: SSEDecoder, piece: bytes, stats: StreamStats
+    ) -> list[UpstreamEvent]:
+        """The events of one decoded piece; past an SSE bound, the events before it
+        (the failure is left in `read.error`)."""
         try:
-            return decoder.feed(piece)
+            sse_events = decoder.feed(piece)
         except SSELimitError as exc:
             read.error = self._malformed(read, exc.message)
-            return exc.events
+            sse_events = exc.events
+        batch = self._parse(read, sse_events)
+        if batch:
+            self._note_output(read, batch, stats)
+        return batch
 
     def _malformed(self, read: _Read, message: str) -> UpstreamError:
         error = UpstreamError(message, type="malformed", provider=read.parser.provider, status=200)
@@ -636,14 +635,16 @@ class UpstreamClient:
                 break
             for event in events:
                 if type(event) is Token:
-                    if self._over_limit(read, out):
-                        return out
+                    read.outputs += 1
+                    if read.outputs > read.max_outputs:
+                        return self._cut(read, out)
                     progress.tokens += 1
                     if event.kind == "content":
                         progress.content.append(event.text)
                 elif isinstance(event, ToolCallDelta | Refusal):
-                    if self._over_limit(read, out):
-                        return out
+                    read.outputs += 1
+                    if read.outputs > read.max_outputs:
+                        return self._cut(read, out)
                     progress.tool_calls = progress.tool_calls or isinstance(event, ToolCallDelta)
                 elif isinstance(event, Finished):
                     event = self._finished(event, read)
@@ -652,19 +653,16 @@ class UpstreamClient:
                 break
         return out
 
-    def _over_limit(self, read: _Read, out: list[UpstreamEvent]) -> bool:
-        """One more output delta; past max_tokens (+ slack) the provider is ignoring it:
-        end the stream ourselves, as the provider should have (`length`)."""
-        read.outputs += 1
-        if read.outputs <= read.max_outputs:
-            return False
+    def _cut(self, read: _Read, out: list[UpstreamEvent]) -> list[UpstreamEvent]:
+        """Past max_tokens (+ slack) the provider is ignoring it: end the stream
+        ourselves, as the provider should have (`length`)."""
         logger.bind(event="upstream_overrun", provider=read.parser.provider).warning(
             "provider sent more than {} output deltas (max_tokens + "
             "RELAY_MAX_TOKENS_SLACK_TOKENS): stream ended with finish_reason length",
             read.max_outputs,
         )
         out.append(self._finished(read.parser.cut("length"), read))
-        return True
+        return out
 
     def _finished(self, finished: Finished, read: _Read) -> Finished:
         parts = read.progress.usage_parts
