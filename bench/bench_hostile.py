@@ -1,13 +1,17 @@
 """Peak RSS of the worker path under each hostile upstream mode (issue #12).
 
-    python -m bench.bench_hostile [--tree PATH] [--modes a,b] [--out bench/out/hostile.json]
+    python -m bench.bench_hostile [--path once|run] [--tree PATH] [--modes a,b] [--out F]
 
 In this process: the local Realtime server and the simulated upstream (with its
-hostile modes). Per mode: `python -m worker once` as a subprocess (the real path:
-upstream client -> relay_stream -> acked publisher -> Realtime), its peak RSS from
-`wait4()`'s `ru_maxrss`, its exit, wall time and the error it reported. References in
-the same run: `healthy` (a normal stream through the same path) and `idle` (the
-worker's CLI started and left at once: `python -m worker --help`).
+hostile modes). Per mode, `--path once` (default): `python -m worker once` as a
+subprocess (upstream client -> relay_stream -> acked publisher -> Realtime), its peak
+RSS from `wait4()`'s `ru_maxrss`, its exit, wall time and the error it reported.
+`--path run`: a fresh `python -m worker run` per mode on an embedded Postgres, one
+request submitted through the queue (`max_tokens` 10), waited for until its row is
+final; the row's status and error, and the process's peak RSS (VmHWM) before SIGTERM.
+References in the same run: `healthy` (a normal stream through the same path) and
+`idle` (`once`: the CLI started and left at once, `python -m worker --help`; `run`:
+the worker after start-up, before any request).
 
 `--tree` runs another checkout's worker (e.g. main before the fix) against the same
 stand-ins; the sizes below keep the pre-fix run finite (it reads all of them).
@@ -20,8 +24,11 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,8 @@ KEY = "sk-bench-hostile-0123456789"
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 PER_MODE_TIMEOUT_S = 300.0
+USER = "6f1b1c1e-0000-4000-8000-0000000000f1"
+WORKER_START_S = 5.0
 
 
 def modes() -> dict[str, Fault | None]:
@@ -140,14 +149,112 @@ async def run(tree: Path, only: set[str]) -> dict[str, Any]:
     }
 
 
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+async def _run_mode(env: dict[str, str], name: str, database_url: str) -> dict[str, Any]:
+    """One `llm-relay run` process, one request through the queue, its row's end."""
+    from worker.jobs import NewRequest, PostgresJobRepository
+
+    repo = PostgresJobRepository.from_url(database_url, pool_size=2)
+    worker = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "worker", "run", "--worker-id", f"hostile-{name}"),
+        env=env,
+        cwd="/tmp",
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(WORKER_START_S)
+        idle_mb = _vm_hwm_mb(worker.pid)
+        session = await repo.create_session_as(USER)
+        request = NewRequest(
+            [{"role": "user", "content": "hello"}], params={"max_tokens": 10}, session_id=session
+        )
+        submitted = await repo.submit_as(USER, request)
+        record = None
+        async with asyncio.timeout(PER_MODE_TIMEOUT_S):
+            while worker.returncode is None:
+                record = await repo.get(submitted.id)
+                if record is not None and record.status not in ("queued", "running"):
+                    break
+                await asyncio.sleep(0.2)
+        alive = worker.returncode is None
+        peak_mb = _vm_hwm_mb(worker.pid) if alive else None
+        error = record.error if record is not None else None
+        return {
+            "peak_rss_mb": peak_mb,
+            "idle_rss_mb": idle_mb,
+            "worker_alive": alive,
+            "status": record.status if record is not None else None,
+            "tokens": record.snapshot.next_offset if record is not None else None,
+            "finish_reason": record.finish_reason if record is not None else None,
+            "error": None if error is None else {k: error.get(k) for k in ("type", "message")},
+            "seconds": round(time.monotonic() - started - WORKER_START_S, 2),
+        }
+    finally:
+        await repo.close()
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(worker.wait(), 30)
+        except TimeoutError:
+            worker.kill()
+            await asyncio.wait_for(worker.wait(), 10)
+
+
+async def run_queue(tree: Path, only: set[str]) -> dict[str, Any]:
+    from devstack.postgres import EmbeddedPostgres, apply_schema
+
+    root = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
+    pg = EmbeddedPostgres(root / "data")
+    pg.start()
+    realtime = RealtimeServer()
+    upstream = SimulatedUpstream(text="Hostile bench: a short answer of a few words. " * 4)
+    upstream.api_key = KEY
+    results: dict[str, Any] = {}
+    try:
+        url = pg.create_database("hostile")
+        apply_schema(url)
+        await realtime.start()
+        await upstream.start()
+        env = {**_env(realtime, upstream, tree), "DATABASE_URL": url}
+        for name, fault in modes().items():
+            if only and name not in only:
+                continue
+            upstream.faults.clear()
+            if fault is not None:
+                upstream.faults.push(fault)
+            results[name] = await _run_mode(env, name, url)
+            print(name, results[name], file=sys.stderr, flush=True)
+    finally:
+        await upstream.stop()
+        await realtime.stop()
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "path": "llm-relay run",
+        "tree": str(tree),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+        f"Python {platform.python_version()} (shared with other sessions)",
+        "modes": results,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_hostile")
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose worker runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "hostile.json")
     parser.add_argument("--modes", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--path", choices=["once", "run"], default="once")
     args = parser.parse_args()
     only = {m.strip() for m in args.modes.split(",") if m.strip()}
-    report = asyncio.run(run(args.tree.resolve(), only))
+    entry = run if args.path == "once" else run_queue
+    report = asyncio.run(entry(args.tree.resolve(), only))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
