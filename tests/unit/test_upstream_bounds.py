@@ -265,3 +265,17 @@ def test_read_deadlines_name_the_one_that_comes_first() -> None:
     assert deadlines.next(now=98.0, produced=False, sent_at=97.0) == (100.0, "total")
     assert "RELAY_TOTAL_TIMEOUT_S" in deadlines.message("total")
     assert deadlines.message("idle").startswith("idle deadline passed")
+
+
+def test_model_name_and_usage_from_chunks_are_bounded() -> None:
+    """Both reach llm-done and the row: a provider cannot make them huge."""
+    parser = ChunkParser("openai")
+    usage: dict[str, Any] = {f"k{i}": i for i in range(1000)}
+    usage["prompt_tokens"] = 3
+    usage["junk"] = "x" * 10_000
+    usage["completion_tokens_details"] = {"reasoning_tokens": 1, "deep": {"a": 1}}
+    parser.feed(chunk(model="m" * 100_000, choices=[], usage=usage))
+    finished = parser.end_of_stream() if parser.finish_reason else parser.cut("stop")
+    assert len(finished.model) <= 200
+    assert finished.usage is not None and len(finished.usage) <= 32
+    assert "junk" not in finished.usage

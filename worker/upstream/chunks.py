@@ -61,6 +61,27 @@ def storable(text: str) -> str:
     return _UNSTORABLE.sub(REPLACEMENT, text)
 
 
+MAX_MODEL_CHARS = 200  # the model name a chunk reports goes to llm-done and the row
+_USAGE_KEYS = 32
+_USAGE_KEY_CHARS = 64
+
+
+def bounded_usage(usage: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """A provider's usage object as we pass it on (llm-done, the row): numbers, and
+    one level of nested details, at most 32 short keys each; anything else dropped."""
+    out: dict[str, Any] = {}
+    for key, value in usage.items():
+        if len(out) >= _USAGE_KEYS:
+            break
+        if not isinstance(key, str) or len(key) > _USAGE_KEY_CHARS:
+            continue
+        if isinstance(value, int | float) or value is None:
+            out[key] = value
+        elif isinstance(value, dict) and depth == 0:
+            out[key] = bounded_usage(value, 1)
+    return out
+
+
 def _scrub(value: Any) -> Any:
     """Every string of a decoded chunk made storable (the lenient decoder's output)."""
     if isinstance(value, str):
@@ -209,10 +230,10 @@ class ChunkParser:
     def _chunk(self, chunk: dict[str, Any]) -> list[UpstreamEvent]:
         model = chunk.get("model")
         if model and model != self.model and isinstance(model, str):
-            self.model = model
+            self.model = storable(model[:MAX_MODEL_CHARS])
         usage = chunk.get("usage")
         if usage is not None and isinstance(usage, dict):
-            self.usage = usage
+            self.usage = bounded_usage(usage)
         if "x_groq" in chunk and isinstance(chunk["x_groq"], dict):
             self._x_groq(chunk["x_groq"])
         choices = chunk.get("choices")
@@ -254,7 +275,7 @@ class ChunkParser:
         groq_usage = x_groq.get("usage")
         # The top-level `usage` (newer Groq) wins when both are present.
         if isinstance(groq_usage, dict) and self.usage is None:
-            self.usage = groq_usage
+            self.usage = bounded_usage(groq_usage)
 
     def _choice(self, choice: dict[str, Any], out: list[UpstreamEvent]) -> None:
         delta = choice.get("delta")
