@@ -279,3 +279,26 @@ def test_model_name_and_usage_from_chunks_are_bounded() -> None:
     assert len(finished.model) <= 200
     assert finished.usage is not None and len(finished.usage) <= 32
     assert "junk" not in finished.usage
+
+
+async def test_connect_timeout_names_the_connect_deadline_and_its_setting() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    s = settings(
+        groq_api_key="gsk_test_0123456789",
+        relay_upstream_retries=0,
+        relay_groq_connect_timeout_s=1.5,
+    )
+    request = GenerationRequest(messages=[{"role": "user", "content": "hi"}], provider="groq")
+    async with UpstreamClient(s, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(UpstreamError) as info:
+            [e async for e in client.stream(request)]
+    assert info.value.type == "timeout"
+    assert info.value.message.startswith("connect deadline passed: no connection within 1.5 s")
+    assert "RELAY_GROQ_CONNECT_TIMEOUT_S" in info.value.message
+    # The provider's own connect deadline is the one the request carried.
+    assert seen[0].extensions["timeout"]["connect"] == 1.5
