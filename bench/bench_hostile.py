@@ -177,12 +177,16 @@ async def _run_mode(env: dict[str, str], name: str, database_url: str) -> dict[s
         )
         submitted = await repo.submit_as(USER, request)
         record = None
-        async with asyncio.timeout(PER_MODE_TIMEOUT_S):
-            while worker.returncode is None:
-                record = await repo.get(submitted.id)
-                if record is not None and record.status not in ("queued", "running"):
-                    break
-                await asyncio.sleep(0.2)
+        timed_out = False
+        try:
+            async with asyncio.timeout(PER_MODE_TIMEOUT_S):
+                while worker.returncode is None:
+                    record = await repo.get(submitted.id)
+                    if record is not None and record.status not in ("queued", "running"):
+                        break
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            timed_out = True  # reported: the row was still not final
         alive = worker.returncode is None
         peak_mb = _vm_hwm_mb(worker.pid) if alive else None
         error = record.error if record is not None else None
@@ -190,6 +194,7 @@ async def _run_mode(env: dict[str, str], name: str, database_url: str) -> dict[s
             "peak_rss_mb": peak_mb,
             "idle_rss_mb": idle_mb,
             "worker_alive": alive,
+            "timed_out": timed_out,
             "status": record.status if record is not None else None,
             "tokens": record.snapshot.next_offset if record is not None else None,
             "finish_reason": record.finish_reason if record is not None else None,
