@@ -310,6 +310,24 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_CHECKPOINT_INTERVAL_S"),
         description="Period of snapshot checkpoints (text + next offset) to Postgres.",
     )
+    relay_wal: bool = Field(
+        True,
+        validation_alias=_env("RELAY_WAL"),
+        description=(
+            "Write each batch to the write-ahead token log (llm_request_chunks) before it is "
+            "broadcast, so a takeover continues from exactly what subscribers may have seen; "
+            "false only to benchmark without it."
+        ),
+    )
+    relay_chunk_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        validation_alias=_env("RELAY_CHUNK_RETENTION_S"),
+        description=(
+            "How long the token log of a finished request is kept for catch-up reads "
+            "(its row then holds the compacted transcript)."
+        ),
+    )
     relay_grace_period_s: float = Field(
         20.0,
         ge=0,
