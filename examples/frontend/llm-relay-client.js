@@ -343,10 +343,7 @@ class Subscription {
           return;
         }
         const rows = data ?? [];
-        for (const payload of chunkPayloads(stream.stream, rows, l)) {
-          stream.stats.logTokens = (stream.stats.logTokens ?? 0) + payload.tokens.length;
-          stream.pushTokens(payload);
-        }
+        for (const payload of chunkPayloads(stream.stream, rows, l)) stream.pushTokens(payload, "log");
         if (rows.length) this._emit(stream, { type: "log", tokens: rows.length, at: this.now() });
         if (rows.length < l.pageSize || stream.nextOffset() === from) return;
       }

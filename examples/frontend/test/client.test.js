@@ -94,6 +94,7 @@ describe("subscribeToSession", () => {
     sb.ch.deliver("llm-token", tok(4, ["d"])); // joined mid-stream: offsets 0..3 missed
     await until(() => sub.view("r1")?.content === "abcd");
     assert.equal(sub.view("r1").reasoning, "hm");
+    assert.equal(sub.view("r1").stats.logTokens, 4);
     const log = sb.reads.find((q) => q.table === "llm_request_chunks");
     assert.deepEqual(
       [log.col, log.id, log.gteCol, log.from, log.order[0], log.cols],
