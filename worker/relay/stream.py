@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,9 @@ READ_AHEAD = 1024  # upstream events buffered between the reader and the pump
 
 # Awaited with each flush before the batches are broadcast; raising stops the relay.
 Durable = Callable[[Sequence[Batch]], Awaitable[None]]
+# When the relay ends early (a handover cancels it), how long writes in flight may
+# take to land and be handed to the publisher.
+STOP_WRITE_WAIT_S = 1.0
 
 
 @dataclass
@@ -141,27 +145,59 @@ class _Pump:
         # Exactly what was published (durable first): tokens are added at publication.
         self.transcript = transcript
         self.durable = durable
+        self._writes: deque[tuple[asyncio.Future[None], list[Batch]]] = deque()
+        self.failure: BaseException | None = None
+        self.stopped = False  # after an early end or a failed write: nothing more goes out
         self.result = RelayResult()
         self.pacing_at = float("-inf")
 
-    async def publish(self, batches: list[Batch]) -> None:
-        """Make `batches` durable, then hand them to the publisher."""
+    def publish(self, batches: list[Batch]) -> None:
+        """Start making `batches` durable; they are handed to the publisher, in order,
+        as their writes land. The pump goes on meanwhile: a stream's throughput does
+        not depend on the commit latency (the writer group-commits whatever is
+        pending), only its latency does, by one commit."""
         if not batches:
             return
-        if self.durable is not None:
-            write = asyncio.ensure_future(self.durable(batches))
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # A handover cancels us mid-commit: what the commit made durable is
-                # still handed to the publisher (which keeps delivering after close),
-                # so the released snapshot and the subscribers agree.
-                with contextlib.suppress(Exception):
-                    await write
-                if write.done() and not write.cancelled() and write.exception() is None:
-                    self._hand_over(batches)
-                raise
-        self._hand_over(batches)
+        if self.durable is None:
+            self._hand_over(batches)
+            return
+        write = asyncio.ensure_future(self.durable(batches))
+        self._writes.append((write, batches))
+        write.add_done_callback(self._written)
+
+    def _written(self, _: object = None) -> None:
+        while self._writes and self._writes[0][0].done() and not self.stopped:
+            write, batches = self._writes.popleft()
+            error = asyncio.CancelledError() if write.cancelled() else write.exception()
+            if error is not None:
+                # Nothing after a failed write goes out: the order is the offsets'.
+                self.failure = self.failure or error
+                self.stopped = True
+                return
+            self._hand_over(batches)
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def settle(self) -> None:
+        """Wait until every batch is durable and handed over; raise a failed write."""
+        if self._writes:
+            await asyncio.wait([write for write, _ in self._writes])
+            self._written()
+        self.raise_failure()
+
+    async def stop(self, wait_s: float) -> None:
+        """The relay ends early: hand over what lands within `wait_s`, drop the rest
+        (never broadcast; if a write lands later it is durable, and the heir, which
+        starts from the log, and the subscribers' catch-up reads still agree)."""
+        if self._writes and not self.stopped:
+            await asyncio.wait([write for write, _ in self._writes], timeout=wait_s)
+            self._written()
+        self.stopped = True
+        for write, _ in self._writes:
+            write.cancel()
+        self._writes.clear()
 
     def _hand_over(self, batches: list[Batch]) -> None:
         t = self.transcript
@@ -318,30 +354,35 @@ async def relay_stream(
             now = loop.time()
             item = await _next(queue, pump.batcher.deadline(), now)
             now = loop.time()
+            pump.raise_failure()  # a failed write stops the relay (e.g. LeaseLost)
             if isinstance(item, Token):
-                await pump.publish(pump.on_token(item, now))
+                pump.publish(pump.on_token(item, now))
             elif isinstance(item, _Raised):
                 raised = item.exc
-                await pump.publish(pump.batcher.flush(now))
+                pump.publish(pump.batcher.flush(now))
+                await pump.settle()
                 pump.send_error(item.exc)
                 break
             elif isinstance(item, _End):
-                await pump.publish(pump.batcher.flush(now))
+                pump.publish(pump.batcher.flush(now))
+                await pump.settle()
                 pump.send_done()
                 break
             elif item is not None:
                 if not isinstance(item, ToolCallDelta | Refusal):
-                    await pump.publish(pump.batcher.flush(now))  # tokens before the event
+                    pump.publish(pump.batcher.flush(now))  # tokens before the event
+                    await pump.settle()  # ...are out before it
                 if isinstance(item, Status) and item.kind == "reset":
                     raised = _refused_reset(item)
                     log.warning("refused a restart after {} tokens", transcript.next_offset)
                     pump.send_error(raised)
                     break
                 if pump.on_event(item):
-                    await pump.publish(pump.batcher.flush(now))
+                    pump.publish(pump.batcher.flush(now))
+                    await pump.settle()
                     pump.send_done()
                     break
-            await pump.publish(pump.batcher.poll(now))
+            pump.publish(pump.batcher.poll(now))
         try:
             await handle.drain(settings.relay_drain_timeout_s)
         except PublishError as exc:
@@ -351,6 +392,7 @@ async def relay_stream(
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
+        await pump.stop(STOP_WRITE_WAIT_S)
         handle.close()
     result = pump.finish()
     if raised is not None:
