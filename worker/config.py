@@ -308,7 +308,10 @@ class Settings(BaseSettings):
         1.0,
         gt=0,
         validation_alias=_env("RELAY_CHECKPOINT_INTERVAL_S"),
-        description="Period of snapshot checkpoints (text + next offset) to Postgres.",
+        description=(
+            "Period of the cancel poll, and of row checkpoints for runners that do not "
+            "write the token log (RELAY_WAL=false, custom runners)."
+        ),
     )
     relay_wal: bool = Field(
         True,
