@@ -39,6 +39,8 @@ from worker.transcript import StreamTranscript
 
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 2.0
+FINAL_RETRY_BASE_S = 0.2
+FINAL_RETRY_CAP_S = 5.0
 PRUNE_INTERVAL_S = 60.0
 # The most rows one statement carries (a backlog after an outage is written in parts).
 MAX_ROWS_PER_STATEMENT = 20_000
@@ -215,4 +217,6 @@ async def write_final(
                 if not exc.retryable:
                     raise
                 return False
-            await asyncio.sleep(backoff_delay(attempt, base_s=0.2, cap_s=5.0))
+            await asyncio.sleep(
+                backoff_delay(attempt, base_s=FINAL_RETRY_BASE_S, cap_s=FINAL_RETRY_CAP_S)
+            )
