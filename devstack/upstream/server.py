@@ -60,6 +60,7 @@ def own_words(rest: str) -> str:
     """The own-words continuation of `rest`: never the same tokens at the same offsets."""
     return OWN_WORDS_PREFIX + rest.upper()
 
+
 CONTROL_PREFIX = "/_control"
 
 
