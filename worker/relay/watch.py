@@ -269,12 +269,16 @@ def _printer(stream: str, kind: str, text: str) -> None:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    anon = settings.supabase_anon_key
     watcher = Watcher(
         realtime_url=settings.realtime_url,
         token=_token(args, settings),
         topic=settings.topic_for(args.session),
         private=settings.relay_private_channels and not args.public,
         on_text=_printer,
+        # What it missed (joined late, a gap) comes from the token log through PostgREST.
+        rest_url=settings.supabase_url.rstrip("/") + "/rest/v1",
+        apikey=anon.get_secret_value() if anon is not None else None,
     )
     await watcher.start()
     print(f"# watching {watcher.topic}", file=sys.stderr, flush=True)

@@ -8,8 +8,10 @@ Layers, outermost first:
      usage estimate. Honest: the client keeps exactly what it has seen, marked
      incomplete; nothing is invented and nothing is paid twice. The job layer
      may still re-run the whole request visibly.
-   - `restart`: yield `Status("reset")` — the relay tells the client to discard
-     the stream so far — then generate again from the original messages.
+   - `restart`: yield `Status("reset")`, then generate again from the original
+     messages. For callers that own their client side only: the relay refuses the
+     setting and ends a stream on a `reset` (contract v1 cannot make a client discard
+     what it showed).
    - `continue`: yield `Status("resuming")`, then ask again with the partial
      content appended as an assistant turn plus a user turn asking to continue.
      A stream with tool calls, or with reasoning only, is not continued: it stops
