@@ -212,8 +212,11 @@ export class StreamAssembler {
     const lane = this._lane(msg.kind);
     if (lane.firstLive === null) lane.firstLive = msg.offset;
     if (msg.offset + msg.tokens.length <= lane.next) {
-      this.stats.duplicateMessages += 1;
-      this.stats.duplicateTokens += msg.tokens.length;
+      // A catch-up read that the live messages overtook is not a duplicate send.
+      if (!fromLog) {
+        this.stats.duplicateMessages += 1;
+        this.stats.duplicateTokens += msg.tokens.length;
+      }
       return "duplicate";
     }
     if (msg.offset > lane.next) {
