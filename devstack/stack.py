@@ -122,19 +122,28 @@ class DevStack:
 
     def env(self) -> dict[str, str]:
         """The settings a worker needs to use this stack (the `.env` lines)."""
-        if self.upstream is None:
-            raise RuntimeError("stack not started")
+        return {**self.supabase_env(), **self.simulator_env()}
+
+    def supabase_env(self) -> dict[str, str]:
+        """The Supabase and queue lines alone: what a worker with its own provider needs."""
         env = {
             "SUPABASE_URL": self.api_url,
             "SUPABASE_ANON_KEY": self.anon_key(),
             "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key(),
-            "OPENAI_BASE_URL": self.upstream.base_url,
-            "OPENAI_API_KEY": SIMULATED_API_KEY,
-            "RELAY_PROVIDER": "openai",
         }
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
         return env
+
+    def simulator_env(self) -> dict[str, str]:
+        """The provider lines that point a worker at the simulated upstream."""
+        if self.upstream is None:
+            raise RuntimeError("stack not started")
+        return {
+            "OPENAI_BASE_URL": self.upstream.base_url,
+            "OPENAI_API_KEY": SIMULATED_API_KEY,
+            "RELAY_PROVIDER": "openai",
+        }
 
     async def stop(self) -> None:
         if self.upstream is not None:

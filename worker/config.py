@@ -403,6 +403,15 @@ class Settings(BaseSettings):
     def api_key_for(self, provider: Provider) -> SecretStr | None:
         return self.openai_api_key if provider == "openai" else self.groq_api_key
 
+    def provider_configured(self, provider: Provider) -> bool:
+        """The one rule for "this worker can use `provider`": a key, or a base URL set.
+
+        A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
+        takes no key, so naming its URL configures the provider on its own.
+        """
+        base_url_field = "openai_base_url" if provider == "openai" else "groq_base_url"
+        return self.api_key_for(provider) is not None or base_url_field in self.model_fields_set
+
     def model_for(self, provider: Provider) -> str:
         return self.relay_model or DEFAULT_MODELS[provider]
 
