@@ -82,11 +82,12 @@ def _configured(settings: Settings, provider: Provider) -> bool:
     return settings.provider_configured(provider)
 
 
-def choose_upstream(settings: Settings, stack: DevStack) -> Upstream:
+def choose_upstream(settings: Settings, simulator: dict[str, str]) -> Upstream:
     """The provider the environment names, used exactly as `llm-relay run` uses it
     (its key, base URL and model, untouched); the simulated one when none is configured.
 
     RELAY_PROVIDER decides when it is set; otherwise the first configured provider.
+    `simulator` is the stack's simulated-upstream settings (`DevStack.simulator_env()`).
     """
     if "relay_provider" in settings.model_fields_set:
         provider: Provider | None = settings.relay_provider
@@ -99,8 +100,8 @@ def choose_upstream(settings: Settings, stack: DevStack) -> Upstream:
     else:
         provider = next((p for p in get_args(Provider) if _configured(settings, p)), None)
     if provider is None:
-        sim = stack.simulator_env()
-        return Upstream(f"simulated OpenAI at {sim['OPENAI_BASE_URL']} (no provider set)", sim)
+        url = simulator["OPENAI_BASE_URL"]
+        return Upstream(f"simulated OpenAI at {url} (no provider set)", simulator)
     base_url = settings.base_url_for(provider)
     name = PROVIDER_NAMES[provider]
     if base_url != {"openai": OPENAI_DEFAULT_BASE_URL, "groq": GROQ_DEFAULT_BASE_URL}[provider]:
@@ -197,7 +198,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_worker(args: argparse.Namespace, settings: Settings, stack: DevStack) -> int:
-    upstream = choose_upstream(settings, stack)
+    upstream = choose_upstream(settings, stack.simulator_env())
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_HTTP")},
         **stack.supabase_env(),
