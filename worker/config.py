@@ -64,12 +64,15 @@ class Settings(BaseSettings):
 
     # --- Providers ---
     openai_api_key: SecretStr | None = Field(
-        None, validation_alias=_env("OPENAI_API_KEY"), description="OpenAI API key."
+        None,
+        validation_alias=_env("OPENAI_API_KEY"),
+        description="OpenAI API key (unset for a local server that takes none).",
     )
     openai_base_url: str = Field(
         OPENAI_DEFAULT_BASE_URL,
         validation_alias=_env("OPENAI_BASE_URL"),
-        description="OpenAI-compatible base URL (the devstack's simulated upstream locally).",
+        description="OpenAI-compatible base URL: OpenAI, or a local server such as Ollama, "
+        "vLLM, llama.cpp or KoboldCpp (setting it alone configures the provider).",
     )
     groq_api_key: SecretStr | None = Field(
         None, validation_alias=_env("GROQ_API_KEY"), description="Groq API key."
