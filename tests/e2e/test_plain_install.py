@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -202,11 +203,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[DevStack]:
+async def stack() -> AsyncIterator[DevStack]:
+    # Not under pytest's basetemp (mode 0700): pgserver runs postgres as another user.
+    data_dir = Path(tempfile.mkdtemp(prefix="llm-relay-stack-"))
     options = StackOptions(
         api_port=0,
         upstream_port=0,
-        data_dir=tmp_path / "devstack",
+        data_dir=data_dir,
         upstream_text=TEXT,
         upstream_tokens_per_second=400,
     )
@@ -216,6 +219,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[DevStack]:
         yield devstack
     finally:
         await devstack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
