@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -123,6 +124,19 @@ def test_the_dockerfile_is_made_of_steps_the_install_test_replays() -> None:
     # /metrics binds loopback by default: the image must open it to the host.
     assert image.env.get("RELAY_HTTP_HOST") == "0.0.0.0"
     assert "RELAY_HTTP_PORT" in image.env and image.healthcheck
+
+
+def test_the_compose_file_runs_this_image_with_its_health_port_and_a_drain() -> None:
+    # No YAML parser in the plain install or the dev tools: the few lines, read as text.
+    compose = (ROOT / "docker-compose.yml").read_text()
+    image = read_dockerfile()
+    assert re.search(r"^\s+build: \.$", compose, re.M)
+    port = re.search(r'RELAY_HTTP_PORT: "(\d+)"', compose)
+    assert port and port.group(1) == image.env["RELAY_HTTP_PORT"]
+    assert re.search(r"RELAY_HTTP_HOST: 0\.0\.0\.0", compose)
+    grace = re.search(r"stop_grace_period: (\d+)s", compose)
+    default_grace = Settings.model_fields["relay_grace_period_s"].default
+    assert grace and int(grace.group(1)) > default_grace  # SIGKILL only after the drain
 
 
 @dataclass
