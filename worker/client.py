@@ -15,6 +15,7 @@ It never holds the service-role key: what it may do is what RLS lets the user do
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,9 +85,9 @@ class RelayClient:
             raise
         return cls(supabase, http, url=url, access_token=access_token)
 
-    async def new_session(self) -> str:
+    async def new_session(self, session_id: str | None = None) -> str:
         """A session this user owns: its topic is theirs alone to join (RLS)."""
-        session_id = str(uuid.uuid4())
+        session_id = session_id or str(uuid.uuid4())
         await self.supabase.table("llm_sessions").insert({"id": session_id}).execute()
         return session_id
 
@@ -106,7 +107,6 @@ class RelayClient:
         "reasoning"), in order; raises TimeoutError after `timeout_s`.
         """
         session_id = session_id or await self.new_session()
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         watcher = Watcher(
             realtime_url=self._realtime_url,
             token=self._access_token,
@@ -116,11 +116,7 @@ class RelayClient:
         )
         await watcher.start()
         try:
-            row: dict[str, Any] = {"session_id": session_id, "messages": messages}
-            if params:
-                row["params"] = params
-            inserted = await self.supabase.table("llm_requests").insert(row).execute()
-            request_id = str(cast(list[dict[str, Any]], inserted.data)[0]["id"])
+            request_id, _ = await self.submit(prompt, session_id=session_id, params=params)
             await watcher.wait_finished(timeout_s=timeout_s)
         finally:
             await watcher.close()
@@ -138,11 +134,55 @@ class RelayClient:
             error=stored.get("error"),
         )
 
+    async def submit(
+        self,
+        prompt: str | list[dict[str, Any]],
+        *,
+        session_id: str | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[str, str]:
+        """Insert a request row (without subscribing); returns (request id, session id).
+
+        Without `session_id` the row's default makes a new session the user owns.
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        row: dict[str, Any] = {"messages": messages}
+        optional = {"session_id": session_id, "provider": provider, "model": model}
+        row.update({k: v for k, v in optional.items() if v is not None})
+        if params:
+            row["params"] = params
+        inserted = await self.supabase.table("llm_requests").insert(row).execute()
+        created = cast(list[dict[str, Any]], inserted.data)[0]
+        return str(created["id"]), str(created["session_id"])
+
+    async def cancel(self, request_id: str) -> str | None:
+        """Ask to cancel; the request's status after asking (None: not this user's)."""
+        response = await self.supabase.rpc(
+            "cancel_llm_request", {"request_id": request_id}
+        ).execute()
+        return None if response.data is None else str(response.data)
+
+    async def wait(
+        self, request_id: str, *, timeout_s: float = 300.0, poll_s: float = 0.2
+    ) -> dict[str, Any]:
+        """Read the row until it is finished (no subscription: for scripts and jobs)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                row = await self.result(request_id)
+                if row["status"] in FINAL:
+                    return row
+                await asyncio.sleep(poll_s)
+
     async def result(self, request_id: str) -> dict[str, Any]:
         """The request's row as this user may read it (the snapshot: text so far)."""
         response = await (
             self.supabase.table("llm_requests")
-            .select("id,status,content,reasoning,next_offset,finish_reason,error")
+            .select(
+                "id,session_id,status,attempts,content,reasoning,next_offset,"
+                "finish_reason,usage,error"
+            )
             .eq("id", request_id)
             .single()
             .execute()

@@ -4,6 +4,8 @@ topic; a real `llm-relay run` process relays the request from the local stack's 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -103,3 +105,35 @@ async def test_another_user_cannot_read_the_request(
             await other.ask("theirs", session_id=answer.session_id, timeout_s=10)
     assert refused.value.code == "PGRST116"
     assert os.environ.get("SUPABASE_SERVICE_ROLE_KEY") is None  # the client never had it
+
+
+def _submit(stack: DevStack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **env_without_ours(),
+        "SUPABASE_URL": stack.api_url,
+        "SUPABASE_ANON_KEY": stack.anon_key(),
+    }
+    return subprocess.run(  # no DATABASE_URL, no service key: only what a frontend has
+        [sys.executable, "-m", "worker", "submit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+async def test_submit_goes_through_auth_and_postgrest_like_a_frontend(
+    stack: DevStack, worker: subprocess.Popen[bytes]
+) -> None:
+    done = await asyncio.to_thread(
+        _submit, stack, "--anonymous", "--prompt", "hi", "--wait", "--timeout", "60"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    submitted, final = (json.loads(line) for line in done.stdout.splitlines())
+    assert submitted["topic"] == f"llm-token:{submitted['session_id']}"
+    assert final["id"] == submitted["id"] and final["status"] == "done"
+    assert (final["content"], final["reasoning"]) == (TEXT, REASONING)
+    # Another (anonymous) user can neither see nor cancel it.
+    refused = await asyncio.to_thread(_submit, stack, "--anonymous", "--cancel", submitted["id"])
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout) == {"id": submitted["id"], "status": None}
