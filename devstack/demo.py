@@ -1,8 +1,9 @@
 """`llm-relay demo`: the whole path on this machine, visible.
 
 Starts the local stack (embedded Postgres, the Realtime / PostgREST / Auth stand-ins
-behind one gateway, the demo page, the simulated upstream — or a real provider when
-its key is in the environment) and a worker process (`llm-relay run`). Then, as a
+behind one gateway, the demo page, the simulated upstream — or the provider the
+environment names, exactly as `llm-relay run` would use it) and a worker process
+(`llm-relay run`). Then, as a
 frontend would: a user creates a session, subscribes to its private topic (RLS
 decides), and inserts a request; the worker claims it and relays the tokens. The
 terminal prints the text *as that subscriber reassembled it*, then a summary, and
