@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from devstack import stack as stack_module
 from devstack.demo import choose_upstream
 from devstack.stack import SIMULATED_API_KEY
 from worker.config import Settings
@@ -63,3 +66,18 @@ def test_leftover_devstack_lines_in_env_mean_this_stacks_simulator() -> None:
         OPENAI_BASE_URL="http://127.0.0.1:54329/v1", OPENAI_API_KEY=SIMULATED_API_KEY
     )
     assert choose_upstream(leftover, SIMULATOR).env == SIMULATOR
+
+
+def test_the_stack_refuses_to_start_without_its_page_and_migrations(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # What a wheel install would see: no examples/frontend, no supabase/migrations.
+    monkeypatch.setattr(stack_module, "FRONTEND_DIR", tmp_path / "frontend")
+    monkeypatch.setattr(stack_module, "MIGRATIONS_DIR", tmp_path / "migrations")
+    with pytest.raises(ConfigError, match=r"clone of the repository.*make demo") as refused:
+        stack_module.DevStack().check_sources()
+    assert "demo.html" in refused.value.message and "migrations" in refused.value.message
+
+
+def test_the_checkout_has_what_the_stack_serves() -> None:
+    stack_module.DevStack().check_sources()
