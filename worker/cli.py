@@ -26,12 +26,17 @@ ENTRY_POINT_GROUP = "llm_relay.commands"
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: `run(args, settings)` returns the exit code (sync or async)."""
+    """A subcommand: `run(args, settings)` returns the exit code (sync or async).
+
+    `on_invalid_settings(args, error)`, when given, reports settings that do not load
+    in the command's own format (the doctor's first check) instead of the generic line.
+    """
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Settings], int | Awaitable[int]]
+    on_invalid_settings: Callable[[argparse.Namespace, Exception], int] | None = None
 
 
 def load_commands() -> dict[str, Command]:
@@ -65,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except Exception as exc:  # pydantic's ValidationError names the bad variable
+        handler = commands[args.command].on_invalid_settings
+        if handler is not None:
+            return handler(args, exc)
         print(f"llm-relay: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(
