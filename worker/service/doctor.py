@@ -67,9 +67,9 @@ class DoctorTimeouts:
     ack_s: float = 4.0
     rest_s: float = 4.0
     delivery_s: float = 3.0
-    provider_s: float = 15.0
+    provider_s: float = 12.0
     health_s: float = 2.0
-    total_s: float = 26.0
+    total_s: float = 20.0  # plus the CLI's start-up: the whole run stays under 30 s
 
 
 # --- settings ---------------------------------------------------------------------
@@ -482,7 +482,7 @@ async def provider_check(
     bounded = settings.model_copy(
         update={
             "relay_connect_timeout_s": min(settings.relay_connect_timeout_s, 5.0),
-            "relay_first_token_timeout_s": min(settings.relay_first_token_timeout_s, 10.0),
+            "relay_first_token_timeout_s": min(settings.relay_first_token_timeout_s, 8.0),
             "relay_idle_timeout_s": min(settings.relay_idle_timeout_s, 10.0),
             "relay_total_timeout_s": min(settings.relay_total_timeout_s, t.provider_s),
         }
