@@ -7,8 +7,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import SecretStr
 
+from devstack.jwt import api_key
+from worker.config import Settings
 from worker.service import diagnosis as d
+from worker.service.doctor import DoctorTimeouts, bounded_deadlines, check_settings, secrets_of
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
 
@@ -191,3 +195,33 @@ def test_redaction_removes_secrets_and_joins_lines() -> None:
     report = d.Report([d.failed("x", "url ws://h/?apikey=SECRET-KEY\n\tmore", cause="", fix="")])
     cleaned = report.redacted(["SECRET-KEY", ""])
     assert cleaned.checks[0].detail == "url ws://h/?apikey=*** more"
+
+
+def test_provider_deadlines_are_capped_for_the_check_never_raised() -> None:
+    settings = Settings(RELAY_FIRST_TOKEN_TIMEOUT_S=180, RELAY_CONNECT_TIMEOUT_S=2)
+    bounded = bounded_deadlines(settings, DoctorTimeouts(provider_s=12))
+    assert bounded.relay_first_token_timeout_s == 8.0
+    assert bounded.relay_connect_timeout_s == 2.0
+    assert bounded.relay_total_timeout_s == 12.0
+    assert bounded.relay_idle_timeout_s == 10.0
+
+
+def test_settings_check_reads_the_keys_roles_and_never_shows_them() -> None:
+    anon, service = api_key("anon"), api_key("service_role")
+    swapped = Settings(
+        SUPABASE_SERVICE_ROLE_KEY=anon,
+        SUPABASE_ANON_KEY=service,
+        DATABASE_URL="postgresql://u:hunter22@h/db",
+        OPENAI_API_KEY="sk-x",
+    )
+    result, providers = check_settings(swapped)
+    assert providers == ["openai"]
+    assert not result.ok and "SUPABASE_SERVICE_ROLE_KEY has role 'anon'" in result.detail
+    assert set(secrets_of(swapped)) == {anon, service, "sk-x", "hunter22"}
+    fine = swapped.model_copy(
+        update={
+            "supabase_service_role_key": SecretStr(service),
+            "supabase_anon_key": SecretStr(anon),
+        }
+    )
+    assert check_settings(fine)[0].ok

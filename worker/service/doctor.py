@@ -476,17 +476,25 @@ def _probe_args(settings: Settings, provider: Provider, *, fallback: bool) -> ar
     return parser.parse_args(argv)
 
 
+def bounded_deadlines(settings: Settings, t: DoctorTimeouts) -> Settings:
+    """The settings with every upstream deadline capped for a quick check: the global
+    ones and any per-provider one (`relay_<provider>_<phase>_timeout_s`), unset ones
+    left unset (they fall back to the capped global)."""
+    caps = {"connect": 5.0, "first_token": 8.0, "idle": 10.0, "total": t.provider_s}
+    update: dict[str, float] = {}
+    for name in type(settings).model_fields:
+        for phase, cap in caps.items():
+            if name.startswith("relay_") and name.endswith(f"_{phase}_timeout_s"):
+                value = getattr(settings, name)
+                if isinstance(value, int | float):
+                    update[name] = min(float(value), cap)
+    return settings.model_copy(update=update)
+
+
 async def provider_check(
     settings: Settings, provider: Provider, *, fallback: bool, t: DoctorTimeouts
 ) -> d.CheckResult:
-    bounded = settings.model_copy(
-        update={
-            "relay_connect_timeout_s": min(settings.relay_connect_timeout_s, 5.0),
-            "relay_first_token_timeout_s": min(settings.relay_first_token_timeout_s, 8.0),
-            "relay_idle_timeout_s": min(settings.relay_idle_timeout_s, 10.0),
-            "relay_total_timeout_s": min(settings.relay_total_timeout_s, t.provider_s),
-        }
-    )
+    bounded = bounded_deadlines(settings, t)
     args = _probe_args(settings, provider, fallback=fallback)
     try:
         report = await asyncio.wait_for(probe.run_probe(args, bounded), t.provider_s)
