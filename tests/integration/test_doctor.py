@@ -23,7 +23,7 @@ import pytest
 
 from devstack.jwt import api_key
 from devstack.postgres import EmbeddedPostgres, apply_schema
-from devstack.realtime import RealtimeServer
+from devstack.realtime import RealtimeLimits, RealtimeServer
 from devstack.upstream import SimulatedUpstream
 from tests.conftest import env_without_ours
 from worker.config import Settings
@@ -113,8 +113,10 @@ async def run_doctor(env: dict[str, str], cwd: Path) -> Outcome:
 
 
 @contextlib.asynccontextmanager
-async def started(database_url: str, *, time_scale: float = FAST) -> AsyncIterator[Stack]:
-    realtime = RealtimeServer(database_url=database_url, time_scale=time_scale)
+async def started(
+    database_url: str, *, time_scale: float = FAST, limits: RealtimeLimits | None = None
+) -> AsyncIterator[Stack]:
+    realtime = RealtimeServer(database_url=database_url, time_scale=time_scale, limits=limits)
     upstream = SimulatedUpstream(api_key=UPSTREAM_KEY, text="OK")
     await realtime.start()
     await upstream.start()
@@ -168,6 +170,8 @@ async def test_devstack_all_checks_pass(database_url: str, tmp_path: Path) -> No
         assert set(check) == {"name", "ok", "detail"}
         assert isinstance(check["detail"], str) and check["detail"]
     assert "Unauthorized" in outcome.check(d.CHECK_PRIVATE_ONLY)["detail"]
+    # The stand-in's default, like a new project's: "Allow public access" on.
+    assert "public channels allowed" in outcome.check(d.CHECK_PRIVATE_ONLY)["detail"]
     assert "delivered" in outcome.check(d.CHECK_REST)["detail"]
     assert_no_keys(outcome, env)
 
@@ -234,6 +238,14 @@ async def test_private_topics_readable_by_anon(database_url: str, tmp_path: Path
     assert outcome.code == 1
     assert outcome.failing == [d.CHECK_PRIVATE_ONLY]
     assert "anon key joined private topic" in outcome.check(d.CHECK_PRIVATE_ONLY)["detail"]
+
+
+async def test_private_only_project_is_reported(database_url: str, tmp_path: Path) -> None:
+    # "Allow public access" off (ref §2 PrivateOnly): still all green, and said so.
+    async with started(database_url, limits=RealtimeLimits(private_only=True)) as stack:
+        outcome = await run_doctor(stack.base_env(), tmp_path)
+    assert outcome.code == 0, outcome.report
+    assert "public channels refused" in outcome.check(d.CHECK_PRIVATE_ONLY)["detail"]
 
 
 async def test_provider_unreachable(database_url: str, tmp_path: Path) -> None:
