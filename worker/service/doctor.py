@@ -51,6 +51,7 @@ log = logger.bind(event="doctor")
 DOCTOR_TOPIC_PREFIX = "llm-relay-doctor:"
 DOCTOR_EVENT = "llm-relay-doctor"
 PROBE_PROMPT = "Reply with the single word OK."
+MAX_BUFFERED_FRAMES = 1000
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,7 @@ class PhoenixSocket:
         self._frames: list[dict[str, Any]] = []
         self._arrived = asyncio.Event()
         self._ref = 0
+        self.join_ref = ""
         self._reader = asyncio.create_task(self._read(), name="doctor-realtime-reader")
 
     @classmethod
@@ -284,6 +286,9 @@ class PhoenixSocket:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     frame = orjson.loads(raw)
                     if isinstance(frame, dict):
+                        # Bounded: a throw-away topic hears only us, but a busy
+                        # socket must not grow this without end.
+                        del self._frames[: len(self._frames) - MAX_BUFFERED_FRAMES + 1]
                         self._frames.append(frame)
                         self._arrived.set()
 
