@@ -248,6 +248,17 @@ async def test_private_only_project_is_reported(database_url: str, tmp_path: Pat
     assert "public channels refused" in outcome.check(d.CHECK_PRIVATE_ONLY)["detail"]
 
 
+async def test_public_worker_channels_on_a_private_only_project(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with started(database_url, limits=RealtimeLimits(private_only=True)) as stack:
+        env = stack.base_env() | {"RELAY_PRIVATE_CHANNELS": "false"}
+        outcome = await run_doctor(env, tmp_path)
+    assert outcome.code == 1
+    assert outcome.failing == [d.CHECK_PRIVATE_JOIN, d.CHECK_PRIVATE_ONLY, d.CHECK_BROADCAST]
+    assert "PrivateOnly" in outcome.check(d.CHECK_PRIVATE_JOIN)["detail"]
+
+
 async def test_provider_unreachable(database_url: str, tmp_path: Path) -> None:
     async with started(database_url) as stack:
         env = stack.base_env() | {"OPENAI_BASE_URL": f"http://127.0.0.1:{_closed_port()}/v1"}

@@ -225,3 +225,13 @@ def test_settings_check_reads_the_keys_roles_and_never_shows_them() -> None:
         }
     )
     assert check_settings(fine)[0].ok
+
+
+def test_public_worker_channels_fail_the_private_only_check() -> None:
+    result = d.worker_channels_public()
+    assert result.name == d.CHECK_PRIVATE_ONLY and not result.ok
+    refused = d.judge_private_join(
+        "t", d.Join(False, "PrivateOnly: This project only allows private channels"), private=False
+    )
+    assert not refused.ok and "RELAY_PRIVATE_CHANNELS=true" in refused.fix
+    assert "public topic" in d.judge_private_join("t", d.Join(True), private=False).detail

@@ -462,9 +462,10 @@ def _join_hint(reason: str) -> tuple[str, str]:
     return ("Realtime refused the join", "see the reason above")
 
 
-def judge_private_join(topic: str, join: Join) -> CheckResult:
+def judge_private_join(topic: str, join: Join, *, private: bool = True) -> CheckResult:
+    kind = "private" if private else "public"
     if join.ok:
-        return passed(CHECK_PRIVATE_JOIN, f"service-role key joined private topic {topic}")
+        return passed(CHECK_PRIVATE_JOIN, f"service-role key joined {kind} topic {topic}")
     if join.reason.startswith("timeout"):
         return failed(
             CHECK_PRIVATE_JOIN,
@@ -476,7 +477,20 @@ def judge_private_join(topic: str, join: Join) -> CheckResult:
     if join.reason.startswith("Unauthorized"):
         cause = "the key is not the service_role key (only service_role bypasses RLS)"
         fix = "set SUPABASE_SERVICE_ROLE_KEY to the project's service_role key"
+    elif join.reason.startswith("PrivateOnly"):
+        cause = "RELAY_PRIVATE_CHANNELS=false, and the project allows private channels only"
+        fix = "set RELAY_PRIVATE_CHANNELS=true (the default)"
     return failed(CHECK_PRIVATE_JOIN, f"{topic}: {join.reason}", cause=cause, fix=fix)
+
+
+def worker_channels_public() -> CheckResult:
+    return failed(
+        CHECK_PRIVATE_ONLY,
+        "RELAY_PRIVATE_CHANNELS=false: the worker publishes on public topics",
+        cause="public topics skip RLS: anyone with the anon key who knows or guesses a "
+        "session id reads its tokens",
+        fix="set RELAY_PRIVATE_CHANNELS=true (the default) and apply supabase/migrations",
+    )
 
 
 def judge_private_only(

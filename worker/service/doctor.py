@@ -393,7 +393,7 @@ async def _rest_broadcast(
                 "topic": topic,
                 "event": DOCTOR_EVENT,
                 "payload": {"nonce": nonce},
-                "private": True,
+                "private": settings.relay_private_channels,
             }
         ]
     }
@@ -422,8 +422,10 @@ async def realtime_group(
             out[d.CHECK_PRIVATE_JOIN] = d.not_run(d.CHECK_PRIVATE_JOIN, "no Realtime connection")
             out[d.CHECK_BROADCAST] = d.not_run(d.CHECK_BROADCAST, "no Realtime connection")
         else:
-            join = await sock.join(topic, key, private=True, timeout_s=t.join_s)
-            out[d.CHECK_PRIVATE_JOIN] = d.judge_private_join(topic, join)
+            # As the worker joins: private unless RELAY_PRIVATE_CHANNELS=false.
+            private = settings.relay_private_channels
+            join = await sock.join(topic, key, private=private, timeout_s=t.join_s)
+            out[d.CHECK_PRIVATE_JOIN] = d.judge_private_join(topic, join, private=private)
             if join.ok:
                 joined_sock = sock
                 ack, echoed = await _acked_broadcast(sock, topic, t)
@@ -456,6 +458,9 @@ async def anon_group(
     join runs on its own socket at the same time (a refused join stalls its socket for
     the server's 5 s backoff, ref §2)."""
     key = _secret(settings.supabase_anon_key)
+    if not settings.relay_private_channels:
+        out[d.CHECK_PRIVATE_ONLY] = d.worker_channels_public()
+        return
     if not key:
         out[d.CHECK_PRIVATE_ONLY] = d.judge_private_only(topic, None, None, anon_key=False)
         return
