@@ -117,7 +117,9 @@ def test_settings_judge_catches_swapped_keys() -> None:
         provider_keys={"openai": True, "groq": False},
         key_roles={},
     )
-    assert missing.detail == "not set: DATABASE_URL, GROQ_API_KEY"
+    assert missing.detail == (
+        "not set: DATABASE_URL, GROQ_API_KEY (or GROQ_BASE_URL for a server that takes no key)"
+    )
 
 
 def test_realtime_refusals_map_to_their_cause() -> None:
@@ -225,6 +227,13 @@ def test_settings_check_reads_the_keys_roles_and_never_shows_them() -> None:
         }
     )
     assert check_settings(fine)[0].ok
+    keyless = Settings(
+        SUPABASE_SERVICE_ROLE_KEY=service,
+        DATABASE_URL="postgresql://u@h/db",
+        OPENAI_BASE_URL="http://127.0.0.1:11434/v1",
+    )
+    assert check_settings(keyless)[0].ok
+    assert not check_settings(Settings(SUPABASE_SERVICE_ROLE_KEY=service, DATABASE_URL="x"))[0].ok
 
 
 def test_public_worker_channels_fail_the_private_only_check() -> None:

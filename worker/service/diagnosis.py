@@ -121,8 +121,9 @@ def judge_settings(
     """Did the settings load, and is what the worker needs to run set?
 
     `provider_keys` maps each configured provider (first, then fallbacks) to whether
-    its API key is set; `key_roles` maps a Supabase key's variable to the `role` claim
-    it carries (None: not a JWT, as with the newer `sb_...` keys).
+    it is configured (its API key, or its base URL for a keyless server); `key_roles`
+    maps a Supabase key's variable to the `role` claim it carries (None: not a JWT, as
+    with the newer `sb_...` keys).
     """
     if error is not None:
         return failed(
@@ -139,7 +140,11 @@ def judge_settings(
         )
         if not present
     ]
-    missing += [f"{p.upper()}_API_KEY" for p, present in provider_keys.items() if not present]
+    missing += [
+        f"{p.upper()}_API_KEY (or {p.upper()}_BASE_URL for a server that takes no key)"
+        for p, present in provider_keys.items()
+        if not present
+    ]
     if missing:
         return failed(
             CHECK_SETTINGS,
