@@ -3,7 +3,8 @@
 The scriptable contract (design.md, "Diagnostics"):
 
     llm-relay probe [--provider openai|groq] [--base-url URL] [--model M] [--prompt TEXT]
-                    [--retries N] [--idle-timeout S] [--first-token-timeout S] [--json]
+                    [--retries N] [--idle-timeout S] [--first-token-timeout S]
+                    [--max-tokens N] [--json]
 
 Flags override the settings for this one call; `--retries 0` makes exactly one
 request. The probe looks at one provider alone: no fallback provider, and a
@@ -132,7 +133,10 @@ async def run_probe(args: argparse.Namespace, settings: Settings) -> ProbeReport
     provider: Provider = args.provider or settings.relay_provider
     model = args.model or settings.model_for(provider)
     request = GenerationRequest(
-        messages=[{"role": "user", "content": args.prompt}], provider=provider, model=model
+        messages=[{"role": "user", "content": args.prompt}],
+        provider=provider,
+        model=model,
+        max_tokens=args.max_tokens,
     )
     report = ProbeReport(provider=provider, model=model)
     stats = StreamStats()
@@ -169,6 +173,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=None, help="0: exactly one request")
     parser.add_argument("--idle-timeout", type=float, default=None, metavar="S")
     parser.add_argument("--first-token-timeout", type=float, default=None, metavar="S")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="cap the completion"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
