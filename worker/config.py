@@ -82,12 +82,15 @@ class Settings(BaseSettings):
 
     # --- Providers ---
     openai_api_key: SecretStr | None = Field(
-        None, validation_alias=_env("OPENAI_API_KEY"), description="OpenAI API key."
+        None,
+        validation_alias=_env("OPENAI_API_KEY"),
+        description="OpenAI API key (unset for a local server that takes none).",
     )
     openai_base_url: str = Field(
         OPENAI_DEFAULT_BASE_URL,
         validation_alias=_env("OPENAI_BASE_URL"),
-        description="OpenAI-compatible base URL (the devstack's simulated upstream locally).",
+        description="OpenAI-compatible base URL: OpenAI, or a local server such as Ollama, "
+        "vLLM, llama.cpp or KoboldCpp (setting it alone configures the provider).",
     )
     groq_api_key: SecretStr | None = Field(
         None, validation_alias=_env("GROQ_API_KEY"), description="Groq API key."
@@ -410,7 +413,28 @@ class Settings(BaseSettings):
         1.0,
         gt=0,
         validation_alias=_env("RELAY_CHECKPOINT_INTERVAL_S"),
-        description="Period of snapshot checkpoints (text + next offset) to Postgres.",
+        description=(
+            "Period of the cancel poll, and of row checkpoints for runners that do not "
+            "write the token log (RELAY_WAL=false, custom runners)."
+        ),
+    )
+    relay_wal: bool = Field(
+        True,
+        validation_alias=_env("RELAY_WAL"),
+        description=(
+            "Write each batch to the write-ahead token log (llm_request_chunks) before it is "
+            "broadcast, so a takeover continues from exactly what subscribers may have seen; "
+            "false only to benchmark without it."
+        ),
+    )
+    relay_chunk_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        validation_alias=_env("RELAY_CHUNK_RETENTION_S"),
+        description=(
+            "How long the token log of a finished request is kept for catch-up reads "
+            "(its row then holds the compacted transcript)."
+        ),
     )
     relay_grace_period_s: float = Field(
         20.0,
@@ -506,13 +530,17 @@ class Settings(BaseSettings):
         return self.openai_api_key if provider == "openai" else self.groq_api_key
 
     def provider_configured(self, provider: Provider) -> bool:
-        """The one rule: a provider is usable when it has a key or an explicit base URL
-        (a local key-less server). Otherwise a request would go, unauthenticated, to
-        the provider's public address."""
+        """The one rule for "this worker can use `provider`": a key, or a base URL set.
+
+        A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
+        takes no key, so naming its URL configures the provider on its own. Anything
+        else would be sent, unauthenticated, to the provider's public address.
+        """
         if self.api_key_for(provider) is not None:
             return True
         name = "openai_base_url" if provider == "openai" else "groq_base_url"
         public = OPENAI_DEFAULT_BASE_URL if provider == "openai" else GROQ_DEFAULT_BASE_URL
+        # Also a URL that differs from the public one, however it was set.
         return name in self.model_fields_set or self.base_url_for(provider) != public
 
     def deadlines_for(self, provider: Provider) -> UpstreamDeadlines:
