@@ -311,7 +311,28 @@ class Settings(BaseSettings):
         1.0,
         gt=0,
         validation_alias=_env("RELAY_CHECKPOINT_INTERVAL_S"),
-        description="Period of snapshot checkpoints (text + next offset) to Postgres.",
+        description=(
+            "Period of the cancel poll, and of row checkpoints for runners that do not "
+            "write the token log (RELAY_WAL=false, custom runners)."
+        ),
+    )
+    relay_wal: bool = Field(
+        True,
+        validation_alias=_env("RELAY_WAL"),
+        description=(
+            "Write each batch to the write-ahead token log (llm_request_chunks) before it is "
+            "broadcast, so a takeover continues from exactly what subscribers may have seen; "
+            "false only to benchmark without it."
+        ),
+    )
+    relay_chunk_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        validation_alias=_env("RELAY_CHUNK_RETENTION_S"),
+        description=(
+            "How long the token log of a finished request is kept for catch-up reads "
+            "(its row then holds the compacted transcript)."
+        ),
     )
     relay_grace_period_s: float = Field(
         20.0,

@@ -49,6 +49,18 @@ DEFAULT_TEXT = (
     "1234567, multi-byte UTF-8 such as café, 🦀 and 世界, and a final newline.\n"
 )
 MODEL_DEFAULTS: dict[str, str] = {"openai": "gpt-4o-mini", "groq": "llama-3.1-8b-instant"}
+# How a continuation request is answered: `exact` (the rest of the text, as a model
+# that continues exactly would) or `own_words` (what a real model does: the rest in
+# different words, so any token regenerated at an offset already shown differs).
+Continuation = Literal["exact", "own_words"]
+OWN_WORDS_PREFIX = "In other words, "
+
+
+def own_words(rest: str) -> str:
+    """The own-words continuation of `rest`: never the same tokens at the same offsets."""
+    return OWN_WORDS_PREFIX + rest.upper()
+
+
 CONTROL_PREFIX = "/_control"
 
 
@@ -87,8 +99,10 @@ class SimulatedUpstream:
         api_key: str | None = "sk-devstack",
         tool_call: tuple[str, str] | None = None,
         model: str | None = None,
+        continuation: Continuation = "exact",
     ) -> None:
         self.host = host
+        self.continuation: Continuation = continuation
         self.port = port
         self.provider: Flavor = provider
         self.text = text
@@ -209,12 +223,13 @@ class SimulatedUpstream:
         if len(messages) >= 2 and isinstance(messages[-2], dict):
             prior = messages[-2]
             partial = prior.get("content")
-            if (
-                prior.get("role") == "assistant"
-                and isinstance(partial, str)
-                and partial
-                and text.startswith(partial)
-            ):
+            is_continuation = (
+                prior.get("role") == "assistant" and isinstance(partial, str) and bool(partial)
+            )
+            if is_continuation and self.continuation == "own_words":
+                assert isinstance(partial, str)
+                text = own_words(text[len(partial) :])
+            elif is_continuation and isinstance(partial, str) and text.startswith(partial):
                 text = text[len(partial) :]
         prompt_tokens = sum(
             len(tokenize(m["content"]))

@@ -8,15 +8,20 @@ Layers, outermost first:
      usage estimate. Honest: the client keeps exactly what it has seen, marked
      incomplete; nothing is invented and nothing is paid twice. The job layer
      may still re-run the whole request visibly.
-   - `restart`: yield `Status("reset")` — the relay tells the client to discard
-     the stream so far — then generate again from the original messages.
+   - `restart`: yield `Status("reset")`, then generate again from the original
+     messages. For callers that own their client side only: the relay refuses the
+     setting and ends a stream on a `reset` (contract v1 cannot make a client discard
+     what it showed).
    - `continue`: yield `Status("resuming")`, then ask again with the partial
      content appended as an assistant turn plus a user turn asking to continue.
+     A stream with tool calls, or with reasoning only, is not continued: it stops
+     (a restart would splice two generations, e.g. concatenate two attempts'
+     tool-call arguments).
      This is the seam LiteLLM removed from its automatic retries: models
      restart, repeat or change voice, personas break, models without prefill
      answer the new user turn instead, and tool-call arguments cannot be
      resumed. So it is opt-in, announced to the client, never used for
-     tool-call streams (those restart instead), and the text after the seam
+     tool-call streams (those stop instead), and the text after the seam
      is relayed as-is: the transcript the relay stores is what the client saw.
 2. `_acquire()` — before the first output of an attempt: retries with backoff
    (`RetryPolicy`), the circuit breaker per provider, the fallback chain with
@@ -40,6 +45,7 @@ from loguru import logger
 
 from worker.config import DEFAULT_MODELS, Provider, Settings
 from worker.errors import ConfigError, UpstreamError
+from worker.transcript import StreamTranscript
 from worker.upstream.chunks import ChunkParser
 from worker.upstream.deadline import ReadTimeout, ReadWatchdog
 from worker.upstream.errormap import error_from_httpx, error_from_response, map_httpx_exceptions
@@ -81,10 +87,12 @@ class StreamStats:
 class _Progress:
     """Output of the current generation since the last reset."""
 
-    content: list[str] = field(default_factory=list)
-    tokens: int = 0
-    tool_calls: bool = False
+    transcript: StreamTranscript = field(default_factory=StreamTranscript)
     usage_parts: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.transcript.tokens
 
 
 @dataclass
@@ -249,9 +257,7 @@ class UpstreamClient:
                             "provider": error.provider,
                         },
                     )
-                    progress.content.clear()
-                    progress.tokens = 0
-                    progress.tool_calls = False
+                    progress.transcript = StreamTranscript()
                     messages = request.messages
                 else:
                     yield Status(
@@ -266,14 +272,15 @@ class UpstreamClient:
                     )
                     messages = [
                         *request.messages,
-                        {"role": "assistant", "content": "".join(progress.content)},
+                        {"role": "assistant", "content": progress.transcript.content},
                         {"role": "user", "content": self.settings.relay_continue_prompt},
                     ]
 
     def _recovery_mode(
         self, error: UpstreamError, progress: _Progress, stats: StreamStats
     ) -> Literal["stop", "restart", "continue"]:
-        if progress.tokens == 0 and not progress.tool_calls:
+        t = progress.transcript
+        if t.tokens == 0 and not t.has_tool_calls:
             return "stop"  # failed before any output: retries already ran in _acquire
         mode = self.settings.relay_midstream_recovery
         if (
@@ -282,8 +289,11 @@ class UpstreamClient:
             or stats.recoveries >= self.settings.relay_midstream_max_recoveries
         ):
             return "stop"
-        if mode == "continue" and (progress.tool_calls or not progress.content):
-            return "restart"  # tool-call arguments (or reasoning only) cannot be continued
+        if mode == "continue" and (t.has_tool_calls or not t.content):
+            # Tool-call arguments (or reasoning only) cannot be continued, and a restart
+            # would splice two generations into what the client already has (the
+            # arguments of both attempts concatenated): end honestly instead.
+            return "stop"
         return mode
 
     def _final_error(self, error: UpstreamError, progress: _Progress) -> UpstreamError:
@@ -529,14 +539,10 @@ class UpstreamClient:
                 read.error = self._with_partial_usage(error, read)
                 break
             for event in events:
-                if type(event) is Token:
-                    progress.tokens += 1
-                    if event.kind == "content":
-                        progress.content.append(event.text)
-                elif isinstance(event, ToolCallDelta):
-                    progress.tool_calls = True
-                elif isinstance(event, Finished):
+                if isinstance(event, Finished):
                     event = self._finished(event, read)
+                else:
+                    progress.transcript.feed(event)
                 out.append(event)
         return out
 

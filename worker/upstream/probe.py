@@ -27,14 +27,13 @@ import orjson
 from worker.cli import Command
 from worker.config import Provider, Settings
 from worker.errors import UpstreamError
+from worker.transcript import StreamTranscript
 from worker.upstream.client import StreamStats, UpstreamClient
 from worker.upstream.events import (
     Finished,
     GenerationRequest,
-    Refusal,
     Status,
     Token,
-    ToolCallDelta,
     UpstreamEvent,
 )
 
@@ -51,10 +50,7 @@ class ProbeReport:
     http_status: int | None = None
     outcome: Outcome = "ok"
     finish_reason: str | None = None
-    content_tokens: list[str] = field(default_factory=list)
-    reasoning_tokens: list[str] = field(default_factory=list)
-    refusal: str = ""
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    transcript: StreamTranscript = field(default_factory=lambda: StreamTranscript(keep_tokens=True))
     usage: dict[str, Any] | None = None
     usage_estimated: bool = False
     error: dict[str, Any] | None = None
@@ -62,20 +58,17 @@ class ProbeReport:
     attempts: int = 0
     timings: dict[str, float | None] = field(default_factory=dict)
 
+    @property
+    def content_tokens(self) -> list[str]:
+        return self.transcript.content_tokens
+
+    @property
+    def reasoning_tokens(self) -> list[str]:
+        return self.transcript.reasoning_tokens
+
     def add(self, event: UpstreamEvent) -> None:
-        if isinstance(event, Token):
-            tokens = self.content_tokens if event.kind == "content" else self.reasoning_tokens
-            tokens.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            call = self.tool_calls.setdefault(
-                event.index, {"index": event.index, "id": None, "name": None, "arguments": ""}
-            )
-            call["id"] = call["id"] or event.id
-            call["name"] = call["name"] or event.name
-            call["arguments"] += event.arguments
-        elif isinstance(event, Refusal):
-            self.refusal += event.text
-        elif isinstance(event, Status):
+        self.transcript.feed(event)
+        if isinstance(event, Status):
             self.statuses.append({"kind": event.kind, **event.detail})
         elif isinstance(event, Finished):
             self.finish_reason = event.finish_reason
@@ -102,12 +95,12 @@ class ProbeReport:
             "http_status": self.http_status,
             "outcome": self.outcome,
             "finish_reason": self.finish_reason,
-            "content": "".join(self.content_tokens),
-            "reasoning": "".join(self.reasoning_tokens),
-            "refusal": self.refusal or None,
+            "content": self.transcript.content,
+            "reasoning": self.transcript.reasoning,
+            "refusal": self.transcript.refusal,
             "content_tokens": self.content_tokens,
             "reasoning_tokens": self.reasoning_tokens,
-            "tool_calls": [self.tool_calls[i] for i in sorted(self.tool_calls)],
+            "tool_calls": self.transcript.tool_call_dicts(),
             "usage": self.usage,
             "usage_estimated": self.usage_estimated,
             "error": self.error,
