@@ -121,10 +121,13 @@ def probe_settings(args: argparse.Namespace, settings: Settings) -> Settings:
         update["openai_base_url" if provider == "openai" else "groq_base_url"] = args.base_url
     if args.retries is not None:
         update["relay_upstream_retries"] = args.retries
+    # A flag wins over both the global deadline and the provider's own one.
     if args.idle_timeout is not None:
         update["relay_idle_timeout_s"] = args.idle_timeout
+        update[f"relay_{provider}_idle_timeout_s"] = args.idle_timeout
     if args.first_token_timeout is not None:
         update["relay_first_token_timeout_s"] = args.first_token_timeout
+        update[f"relay_{provider}_first_token_timeout_s"] = args.first_token_timeout
     return settings.model_copy(update=update)
 
 
