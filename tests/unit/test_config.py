@@ -65,3 +65,18 @@ def test_metrics_listen_on_loopback_unless_configured() -> None:
 def test_the_database_call_deadline_never_exceeds_the_heartbeat_interval() -> None:
     s = Settings(_env_file=None, relay_db_timeout_s=5, relay_heartbeat_interval_s=0.5)
     assert s.db_call_timeout_s == 0.5
+
+
+def test_a_provider_is_configured_by_a_key_or_by_a_base_url_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not Settings().provider_configured("openai")
+    assert not Settings().provider_configured("groq")
+    # A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) often takes no key.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1")
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
+    settings = Settings()
+    assert settings.provider_configured("openai") and settings.api_key_for("openai") is None
+    assert settings.provider_configured("groq")
+    # a copy made by a CLI override keeps what the environment set
+    assert settings.model_copy(update={"relay_concurrency": 2}).provider_configured("openai")
