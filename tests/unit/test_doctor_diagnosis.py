@@ -21,32 +21,68 @@ def _strip_comments(text: str) -> str:
     return re.sub(r"--[^\n]*", "", text)
 
 
+_CREATES: tuple[tuple[d.SchemaKind, str, tuple[int, int, int | None]], ...] = (
+    # (kind, pattern, (schema group, name group, table group)) — applied in file order
+    ("table", r"^CREATE TABLE (?:IF NOT EXISTS )?(\w+)\.(\w+)", (1, 2, None)),
+    ("rls", r"^ALTER TABLE (\w+)\.(\w+) ENABLE ROW LEVEL SECURITY", (1, 2, None)),
+    ("policy", r"^CREATE POLICY (\w+) ON (\w+)\.(\w+)", (2, 1, 3)),
+    (
+        "trigger",
+        r"^CREATE (?:OR REPLACE )?TRIGGER (\w+)\s+(?:BEFORE|AFTER|INSTEAD OF)[^;]*?\bON "
+        r"(\w+)\.(\w+)",
+        (2, 1, 3),
+    ),
+    ("function", r"^CREATE (?:OR REPLACE )?FUNCTION (\w+)\.(\w+)", (1, 2, None)),
+)
+_DROPS: tuple[tuple[d.SchemaKind, str, tuple[int, int, int | None]], ...] = (
+    ("policy", r"^DROP POLICY (?:IF EXISTS )?(\w+) ON (\w+)\.(\w+)", (2, 1, 3)),
+    ("trigger", r"^DROP TRIGGER (?:IF EXISTS )?(\w+) ON (\w+)\.(\w+)", (2, 1, 3)),
+    ("function", r"^DROP FUNCTION (?:IF EXISTS )?(\w+)\.(\w+)", (1, 2, None)),
+    ("table", r"^DROP TABLE (?:IF EXISTS )?(\w+)\.(\w+)", (1, 2, None)),
+)
+
+
+def _statements(text: str) -> list[str]:
+    """Top-level statements in order; `$$` bodies are kept whole (they contain `;`)."""
+    parts = re.split(r"(\$\$.*?\$\$)", _strip_comments(text), flags=re.S)
+    flat = "".join(p if p.startswith("$$") else p.replace(";", ";\0") for p in parts)
+    return [" ".join(s.split()) for s in flat.split(";\0") if s.strip()]
+
+
+def _object(
+    kind: d.SchemaKind, match: re.Match[str], groups: tuple[int, int, int | None]
+) -> d.SchemaObject:
+    schema, name, table = groups
+    return d.SchemaObject(
+        kind, match.group(schema), match.group(name), match.group(table) if table else ""
+    )
+
+
 def schema_of_migrations() -> set[d.SchemaObject]:
-    """What supabase/migrations create (and do not drop again), read from their SQL."""
+    """What supabase/migrations leave behind, statement by statement in file order (a
+    later migration may drop and recreate an object)."""
     objects: set[d.SchemaObject] = set()
     for path in sorted(MIGRATIONS.glob("*.sql")):
-        text = _strip_comments(path.read_text())
-        for schema, name in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)\.(\w+)", text):
-            objects.add(d.SchemaObject("table", schema, name))
-        for schema, name in re.findall(r"ALTER TABLE (\w+)\.(\w+) ENABLE ROW LEVEL SECURITY", text):
-            objects.add(d.SchemaObject("rls", schema, name))
-        for name, schema, table in re.findall(r"CREATE POLICY (\w+) ON (\w+)\.(\w+)", text):
-            objects.add(d.SchemaObject("policy", schema, name, table))
-        for name, schema, table in re.findall(
-            r"CREATE (?:OR REPLACE )?TRIGGER (\w+)\s+"
-            r"(?:BEFORE|AFTER|INSTEAD OF)[^;]*?\bON (\w+)\.(\w+)",
-            text,
-        ):
-            objects.add(d.SchemaObject("trigger", schema, name, table))
-        for schema, name in re.findall(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)\.(\w+)", text):
-            objects.add(d.SchemaObject("function", schema, name))
-        for name, schema, table in re.findall(
-            r"DROP (?:POLICY|TRIGGER) (?:IF EXISTS )?(\w+) ON (\w+)\.(\w+)", text
-        ):
-            objects -= {o for o in objects if (o.name, o.schema, o.on) == (name, schema, table)}
-        for schema, name in re.findall(r"DROP FUNCTION (?:IF EXISTS )?(\w+)\.(\w+)", text):
-            objects.discard(d.SchemaObject("function", schema, name))
+        for statement in _statements(path.read_text()):
+            for kind, pattern, groups in _CREATES:
+                if match := re.match(pattern, statement):
+                    objects.add(_object(kind, match, groups))
+            for kind, pattern, groups in _DROPS:
+                if match := re.match(pattern, statement):
+                    objects.discard(_object(kind, match, groups))
     return objects
+
+
+def test_migration_reader_applies_statements_in_order() -> None:
+    sql = (
+        "CREATE POLICY p ON realtime.messages FOR SELECT USING (true);\n"
+        "DROP POLICY IF EXISTS p ON realtime.messages;\n"
+        "CREATE POLICY p ON realtime.messages FOR SELECT USING (false);\n"
+        "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$;\n"
+        "DROP POLICY q ON public.t;"
+    )
+    assert _statements(sql)[3].startswith("CREATE FUNCTION public.f()")
+    assert len(_statements(sql)) == 5
 
 
 def test_expected_schema_is_what_the_migrations_create() -> None:

@@ -298,9 +298,12 @@ def judge_database_mode(
     return passed(CHECK_DATABASE_MODE, f"{mode}; LISTEN/NOTIFY round trip works")
 
 
+SchemaKind = Literal["table", "rls", "policy", "trigger", "function"]
+
+
 @dataclass(frozen=True)
 class SchemaObject:
-    kind: Literal["table", "rls", "policy", "trigger", "function"]
+    kind: SchemaKind
     schema: str
     name: str
     on: str = ""  # the table of a policy or trigger
