@@ -533,15 +533,17 @@ class Settings(BaseSettings):
         """The one rule for "this worker can use `provider`": a key, or a base URL set.
 
         A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
-        takes no key, so naming its URL configures the provider on its own. Anything
-        else would be sent, unauthenticated, to the provider's public address.
+        takes no key, so naming its URL configures the provider on its own. An empty
+        key (`OPENAI_API_KEY=` as in .env.example) is no key, and the provider's public
+        address is no URL of one's own (a copied .env.example names it): without a key
+        it could only be sent an unauthenticated request.
         """
-        if self.api_key_for(provider) is not None:
+        key = self.api_key_for(provider)
+        if key is not None and key.get_secret_value().strip():
             return True
-        name = "openai_base_url" if provider == "openai" else "groq_base_url"
         public = OPENAI_DEFAULT_BASE_URL if provider == "openai" else GROQ_DEFAULT_BASE_URL
-        # Also a URL that differs from the public one, however it was set.
-        return name in self.model_fields_set or self.base_url_for(provider) != public
+        url = self.base_url_for(provider).strip().rstrip("/")
+        return bool(url) and url != public
 
     def deadlines_for(self, provider: Provider) -> UpstreamDeadlines:
         """Connect / first-token / idle / total for one provider: its own setting when

@@ -101,12 +101,8 @@ def providers_of(settings: Settings) -> list[Provider]:
 
 
 def _provider_configured(settings: Settings, provider: Provider) -> bool:
-    """A key, or a base URL named explicitly: a local OpenAI-compatible server (Ollama,
-    vLLM, llama.cpp) often takes no key, and the client then sends none."""
-    base_url_field = "openai_base_url" if provider == "openai" else "groq_base_url"
-    return bool(_secret(settings.api_key_for(provider))) or (
-        base_url_field in settings.model_fields_set
-    )
+    """The one rule (`Settings.provider_configured`): a key, or a base URL of one's own."""
+    return settings.provider_configured(provider)
 
 
 def check_settings(settings: Settings) -> tuple[d.CheckResult, list[Provider]]:
