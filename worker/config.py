@@ -530,20 +530,19 @@ class Settings(BaseSettings):
         return self.openai_api_key if provider == "openai" else self.groq_api_key
 
     def provider_configured(self, provider: Provider) -> bool:
-        """The one rule for "this worker can use `provider`": a key, or a base URL set.
+        """The one rule for "this worker can use `provider`": a key, or a base URL of
+        its own.
 
         A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
         takes no key, so naming its URL configures the provider on its own. An empty
-        key (`OPENAI_API_KEY=` as in .env.example) is no key, and the provider's public
-        address is no URL of one's own (a copied .env.example names it): without a key
-        it could only be sent an unauthenticated request.
+        key, or the public default URL without a key (a copy of `.env.example` has both)
+        configures nothing.
         """
         key = self.api_key_for(provider)
-        if key is not None and key.get_secret_value().strip():
+        if key is not None and key.get_secret_value():
             return True
-        public = OPENAI_DEFAULT_BASE_URL if provider == "openai" else GROQ_DEFAULT_BASE_URL
-        url = self.base_url_for(provider).strip().rstrip("/")
-        return bool(url) and url != public
+        default = OPENAI_DEFAULT_BASE_URL if provider == "openai" else GROQ_DEFAULT_BASE_URL
+        return self.base_url_for(provider).rstrip("/") != default
 
     def deadlines_for(self, provider: Provider) -> UpstreamDeadlines:
         """Connect / first-token / idle / total for one provider: its own setting when

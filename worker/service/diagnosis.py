@@ -329,6 +329,10 @@ EXPECTED_SCHEMA: tuple[SchemaObject, ...] = (
     SchemaObject("function", "public", "llm_requests_attach_session"),
     SchemaObject("function", "public", "llm_requests_notify"),
     SchemaObject("function", "public", "cancel_llm_request"),
+    # The write-ahead token log: the worker writes each batch here before sending it.
+    SchemaObject("table", "public", "llm_request_chunks"),
+    SchemaObject("rls", "public", "llm_request_chunks"),
+    SchemaObject("policy", "public", "llm_request_chunks_select_own", "llm_request_chunks"),
 )
 
 

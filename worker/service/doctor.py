@@ -100,11 +100,6 @@ def providers_of(settings: Settings) -> list[Provider]:
     return out
 
 
-def _provider_configured(settings: Settings, provider: Provider) -> bool:
-    """The one rule (`Settings.provider_configured`): a key, or a base URL of one's own."""
-    return settings.provider_configured(provider)
-
-
 def check_settings(settings: Settings) -> tuple[d.CheckResult, list[Provider]]:
     try:
         providers = providers_of(settings)
@@ -121,7 +116,7 @@ def check_settings(settings: Settings) -> tuple[d.CheckResult, list[Provider]]:
         error=None,
         service_role_key=bool(_secret(settings.supabase_service_role_key)),
         database_url=bool(settings.database_url),
-        provider_keys={p: _provider_configured(settings, p) for p in providers},
+        provider_keys={p: settings.provider_configured(p) for p in providers},
         key_roles={
             "SUPABASE_SERVICE_ROLE_KEY": _jwt_role(_secret(settings.supabase_service_role_key)),
             "SUPABASE_ANON_KEY": _jwt_role(_secret(settings.supabase_anon_key)),
