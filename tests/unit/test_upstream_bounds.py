@@ -309,3 +309,9 @@ async def test_connect_timeout_names_the_connect_deadline_and_its_setting() -> N
     assert "RELAY_GROQ_CONNECT_TIMEOUT_S" in info.value.message
     # The provider's own connect deadline is the one the request carried.
     assert seen[0].extensions["timeout"]["connect"] == 1.5
+
+
+def test_an_empty_per_provider_deadline_means_the_global_one() -> None:
+    """`.env.example` lists them empty (`RELAY_GROQ_IDLE_TIMEOUT_S=`)."""
+    s = settings(relay_groq_idle_timeout_s="", relay_idle_timeout_s=7.0)
+    assert s.deadlines_for("groq").idle_s == 7.0
