@@ -26,6 +26,7 @@ GROQ_DEFAULT_BASE_URL = "https://api.groq.com/openai/v1"
 DEFAULT_MODELS: dict[str, str] = {"openai": "gpt-4o-mini", "groq": "llama-3.1-8b-instant"}
 
 
+_DEADLINES = ("connect", "first_token", "idle", "total")
 # Shorter "keys" (test placeholders such as "x") would redact ordinary words.
 MIN_REDACTED_SECRET_CHARS = 8
 
@@ -517,6 +518,17 @@ class Settings(BaseSettings):
         description="Write logs as JSON lines (one object per record) instead of text.",
     )
 
+    @field_validator(
+        *(f"relay_{p}_{d}_timeout_s" for p in ("openai", "groq") for d in _DEADLINES),
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `.env.example` lists these as `RELAY_GROQ_IDLE_TIMEOUT_S=`: empty means unset.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("relay_topic_template")
     @classmethod
     def _template_has_session(cls, value: str) -> str:
@@ -563,7 +575,7 @@ class Settings(BaseSettings):
         """Connect / first-token / idle / total for one provider: its own setting when
         set (`RELAY_GROQ_IDLE_TIMEOUT_S`), else the global one (`RELAY_IDLE_TIMEOUT_S`)."""
         values: dict[str, tuple[float, str]] = {}
-        for phase in ("connect", "first_token", "idle", "total"):
+        for phase in _DEADLINES:
             own: float | None = getattr(self, f"relay_{provider}_{phase}_timeout_s")
             if own is not None:
                 values[phase] = own, f"RELAY_{provider.upper()}_{phase.upper()}_TIMEOUT_S"

@@ -228,9 +228,15 @@ def test_configured_means_a_key_or_an_explicit_base_url() -> None:
     assert not settings().provider_configured("groq")
     assert settings(groq_api_key="gsk_x").provider_configured("groq")
     assert settings(groq_base_url="http://127.0.0.1:8090/openai/v1").provider_configured("groq")
-    # The public address without a key (what a copy of .env.example says) would be sent
-    # unauthenticated: not configured (Settings.provider_configured, the one rule).
-    assert not settings(groq_base_url="https://api.groq.com/openai/v1").provider_configured("groq")
+    # A copied .env.example: empty keys, the public addresses named explicitly.
+    copied = settings(
+        groq_api_key="",
+        groq_base_url="https://api.groq.com/openai/v1",
+        openai_api_key="",
+        openai_base_url="https://api.openai.com/v1/",
+    )
+    assert not copied.provider_configured("groq")
+    assert not copied.provider_configured("openai")
 
 
 async def test_unconfigured_provider_is_refused_before_any_request() -> None:
@@ -303,3 +309,9 @@ async def test_connect_timeout_names_the_connect_deadline_and_its_setting() -> N
     assert "RELAY_GROQ_CONNECT_TIMEOUT_S" in info.value.message
     # The provider's own connect deadline is the one the request carried.
     assert seen[0].extensions["timeout"]["connect"] == 1.5
+
+
+def test_an_empty_per_provider_deadline_means_the_global_one() -> None:
+    """`.env.example` lists them empty (`RELAY_GROQ_IDLE_TIMEOUT_S=`)."""
+    s = settings(relay_groq_idle_timeout_s="", relay_idle_timeout_s=7.0)
+    assert s.deadlines_for("groq").idle_s == 7.0

@@ -468,7 +468,7 @@ class UpstreamClient:
         provider, model = cast(Provider, read.parser.provider), read.parser.model
         headers = {"Accept": "text/event-stream", "Accept-Encoding": ACCEPT_ENCODING}
         key = self.settings.api_key_for(provider)
-        if key is not None:
+        if key is not None and key.get_secret_value().strip():  # a key-less local server
             headers["Authorization"] = f"Bearer {key.get_secret_value()}"
         url = self.settings.base_url_for(provider).rstrip("/") + "/chat/completions"
         body = self._body(provider, model, request, read.messages)
