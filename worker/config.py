@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
+        # `NAME=` (as a copy of .env.example has it) means "not set", not an empty value:
+        # otherwise every optional number would refuse an empty string.
+        env_ignore_empty=True,
         populate_by_name=True,
         frozen=True,
     )
@@ -530,21 +533,19 @@ class Settings(BaseSettings):
         return self.openai_api_key if provider == "openai" else self.groq_api_key
 
     def provider_configured(self, provider: Provider) -> bool:
-        """The one rule for "this worker can use `provider`": a non-empty key, or a base
-        URL set explicitly (even the public one: the operator asked for it).
+        """The one rule for "this worker can use `provider`": a key, or a base URL of
+        its own.
 
         A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
-        takes no key, so naming its URL configures the provider on its own.
+        takes no key, so naming its URL configures the provider on its own. An empty
+        key, or the public default URL without a key (a copy of `.env.example` has both)
+        configures nothing.
         """
         key = self.api_key_for(provider)
         if key is not None and key.get_secret_value():
             return True
-        base_url_field = "openai_base_url" if provider == "openai" else "groq_base_url"
         default = OPENAI_DEFAULT_BASE_URL if provider == "openai" else GROQ_DEFAULT_BASE_URL
-        return (
-            base_url_field in self.model_fields_set
-            or self.base_url_for(provider).rstrip("/") != default
-        )
+        return self.base_url_for(provider).rstrip("/") != default
 
     def deadlines_for(self, provider: Provider) -> UpstreamDeadlines:
         """Connect / first-token / idle / total for one provider: its own setting when
