@@ -78,8 +78,12 @@ def _configured(settings: Settings, provider: Provider) -> bool:
     """Configured as `llm-relay run` sees it, less the devstack's own simulator lines
     (`llm-relay devstack > .env` leaves them behind; they point at another stack)."""
     key = settings.api_key_for(provider)
-    if key is not None and key.get_secret_value() == SIMULATED_API_KEY:
+    secret = key.get_secret_value() if key is not None else ""
+    if secret == SIMULATED_API_KEY:
         return False
+    public = {"openai": OPENAI_DEFAULT_BASE_URL, "groq": GROQ_DEFAULT_BASE_URL}[provider]
+    if not secret and settings.base_url_for(provider).rstrip("/") == public:
+        return False  # the public API without a key (a copy of .env.example): cannot answer
     return settings.provider_configured(provider)
 
 
