@@ -179,6 +179,11 @@ class RelayRunner:
         if self._owned[1]:
             await self.upstream.aclose()
 
+    @property
+    def behind(self) -> bool:
+        """The relay lags more than `relay_max_lag_s`: new requests should wait in the queue."""
+        return self.publisher.behind
+
     async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
         tap = _Tap(ctx)
         final: list[Snapshot] = []

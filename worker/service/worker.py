@@ -35,6 +35,7 @@ from worker.service.context import (
     AbortReason,
     Outcome,
     RejectHook,
+    ReportsLag,
     StreamContext,
     StreamRunner,
     error_info,
@@ -224,6 +225,8 @@ class Worker:
                 for job_id, status in await self._repo.sweep(max_attempts=s.relay_max_attempts):
                     self._log.bind(job=job_id).info("settled unclaimable request: {}", status)
             jobs = []
+            if free > 0 and self._runner_behind():
+                free = 0  # the queue, not this worker, absorbs the excess (issue 16)
             if free > 0:
                 jobs = await self._repo.claim(
                     worker=self.worker_id,
@@ -239,6 +242,9 @@ class Worker:
             return
         for job in jobs:
             self._start(job)
+
+    def _runner_behind(self) -> bool:
+        return isinstance(self._runner, ReportsLag) and self._runner.behind
 
     def _set_queue_ok(self, ok: bool) -> None:
         self._queue_ok = ok
