@@ -156,6 +156,11 @@ class RealtimeLink:
                 out.append(topic)
         return out
 
+    def join_started(self, topic: str) -> bool:
+        """A join of `topic` was sent on the current client (it may still be pending)."""
+        state = self._channels.get(topic)
+        return state is not None and state.channel is not None
+
     def hold_rejoin(self, topic: str, until: float) -> None:
         state = self._channels.get(topic)
         if state is not None:

@@ -485,8 +485,9 @@ class Publisher:
             return "ws"
         if not self.settings.relay_rest_fallback:
             return "hold"
-        # A join normally takes milliseconds: wait for it rather than mix paths.
-        if link is None or not link.connected:
+        # A join normally takes milliseconds: wait for one under way rather than mix
+        # paths; but one still queued behind the joins/s pacing may take seconds.
+        if link is None or not link.connected or not link.join_started(t.name):
             return "rest"
         if now - t.down_since > self.settings.relay_ack_timeout_s:
             return "rest"
