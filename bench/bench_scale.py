@@ -92,7 +92,8 @@ async def _raw_one(base_url: str) -> list[str]:
     url = urlsplit(base_url)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[list[str]] = loop.create_future()
-    transport, _ = await loop.create_connection(lambda: _SSEProtocol(done), url.hostname, url.port)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    transport, _ = await loop.create_connection(lambda: _SSEProtocol(done), host, port)
     head = (
         f"POST {url.path}/chat/completions HTTP/1.0\r\nHost: {url.netloc}\r\n"
         f"Authorization: Bearer {BENCH_KEY}\r\nContent-Type: application/json\r\n"
