@@ -67,7 +67,10 @@ JOIN_BURST_S = 0.25  # join bucket capacity, in seconds of rate
 LAG_TICK_S = 0.05  # the loop-delay probe's period
 LAG_DECAY = 0.9  # per probe: the measured delay decays, so one hiccup fades in ~1 s
 OVERLOAD_MIN_LAG_S = 0.02  # loop delay from which streams flush less often
-OVERLOAD_MAX_INTERVAL_S = 0.5  # the longest flush interval overload imposes
+# While the loop is late, all streams together flush about this often, so the cost of
+# messages stays bounded as streams are added (tokens per message grow instead) ...
+OVERLOAD_MESSAGES_PER_S = 250.0
+OVERLOAD_MAX_INTERVAL_S = 1.0  # ... but no stream waits longer than this to flush
 ACK_TIMER_MAX_EXTENSIONS = 3  # a late loop extends an ack timer at most this often
 TIMER_LATE_SHARE = 0.2  # an ack timer firing this share of the timeout late: the loop lagged
 RATE_LIMIT_MESSAGES = ("Too many messages per second",)
@@ -444,7 +447,8 @@ class Publisher:
         budget = self.budget.min_interval_s(max(1, self.active_streams(now)), now)
         overload = 0.0
         if self.loop_lag_s >= OVERLOAD_MIN_LAG_S:
-            overload = min(OVERLOAD_MAX_INTERVAL_S, 2 * self.loop_lag_s)
+            share = self.active_streams(now) / OVERLOAD_MESSAGES_PER_S
+            overload = min(OVERLOAD_MAX_INTERVAL_S, max(2 * self.loop_lag_s, share))
         return max(budget, overload)
 
     def enqueue(
