@@ -70,7 +70,11 @@ OVERLOAD_MIN_LAG_S = 0.02  # loop delay from which streams flush less often
 # While the loop is late, all streams together flush about this often, so the cost of
 # messages stays bounded as streams are added (tokens per message grow instead) ...
 OVERLOAD_MESSAGES_PER_S = 250.0
-OVERLOAD_MAX_INTERVAL_S = 1.0  # ... but no stream waits longer than this to flush
+# ... and each message carries about this many tokens of its stream, however slowly
+# the starved loop reads them (tokens per message must grow with load, never shrink) ...
+OVERLOAD_TOKENS_PER_MESSAGE = 10.0
+OVERLOAD_MAX_INTERVAL_S = 5.0  # ... but no stream waits longer than this to flush
+RATE_WINDOW_S = 1.0  # a stream's token rate is measured over windows this long
 ACK_TIMER_MAX_EXTENSIONS = 3  # a late loop extends an ack timer at most this often
 TIMER_LATE_SHARE = 0.2  # an ack timer firing this share of the timeout late: the loop lagged
 RATE_LIMIT_MESSAGES = ("Too many messages per second",)
@@ -104,6 +108,9 @@ class StreamHandle:
         self.topic = topic
         self.ledger = ledger
         self.last_activity = float("-inf")
+        self.token_rate: float | None = None  # tokens/s, measured once a window passed
+        self._window_start = time.monotonic()
+        self._window_tokens = 0
         self.closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -169,11 +176,17 @@ class StreamHandle:
     # --- fair share ---
 
     def note_activity(self, now: float) -> None:
+        """One token arrived (feeds the fair share and this stream's measured rate)."""
         self.last_activity = now
+        self._window_tokens += 1
+        elapsed = now - self._window_start
+        if elapsed >= RATE_WINDOW_S:
+            self.token_rate = self._window_tokens / elapsed
+            self._window_start, self._window_tokens = now, 0
 
     def min_interval_s(self, now: float) -> float:
         """Flush pacing for this stream's batcher: budget share, or longer under overload."""
-        return self._publisher.min_interval_s(now)
+        return self._publisher.min_interval_s(now, token_rate=self.token_rate)
 
     @property
     def unsent(self) -> int:
@@ -443,12 +456,20 @@ class Publisher:
             if not h.closed and now - h.last_activity <= ACTIVE_WINDOW_S
         )
 
-    def min_interval_s(self, now: float) -> float:
-        budget = self.budget.min_interval_s(max(1, self.active_streams(now)), now)
+    def min_interval_s(self, now: float, *, token_rate: float | None = None) -> float:
+        """Shortest flush interval of a stream (reading `token_rate` tokens/s).
+
+        The budget's fair share; while the loop is late, also long enough that all
+        streams together send ~OVERLOAD_MESSAGES_PER_S and each message carries
+        ~OVERLOAD_TOKENS_PER_MESSAGE tokens (capped at OVERLOAD_MAX_INTERVAL_S).
+        """
+        active = self.active_streams(now)
+        budget = self.budget.min_interval_s(max(1, active), now)
         overload = 0.0
         if self.loop_lag_s >= OVERLOAD_MIN_LAG_S:
-            share = self.active_streams(now) / OVERLOAD_MESSAGES_PER_S
-            overload = min(OVERLOAD_MAX_INTERVAL_S, max(2 * self.loop_lag_s, share))
+            share = active / OVERLOAD_MESSAGES_PER_S
+            fill = OVERLOAD_TOKENS_PER_MESSAGE / token_rate if token_rate else 0.0
+            overload = min(OVERLOAD_MAX_INTERVAL_S, max(2 * self.loop_lag_s, share, fill))
         return max(budget, overload)
 
     def enqueue(
