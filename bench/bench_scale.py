@@ -216,6 +216,34 @@ def _level(args: argparse.Namespace, spec: str, root: Path) -> dict[str, Any]:
     }
 
 
+def render_table(report: dict[str, Any]) -> str:
+    """The RESULTS.md table of a saved report."""
+    rows = [
+        "| streams × tok/s | exact | not final at cap | wall / ideal | achieved / offered "
+        "tok/s | lag behind pace p50 / p99 | first token p50 | messages / token | worker "
+        "µs/token | raw Protocol µs/token | httpx+orjson µs/token | worker ÷ floor | httpx ÷ "
+        "floor | worker CPU use |",
+        "|" + "---|" * 14,
+    ]
+    for d in report["levels"]:
+        w, raw, hx = d["worker"], d["raw_protocol"], d["httpx_orjson"]
+        lag50, lag99 = w["lag_behind_pace_p50_ms"] / 1000, w["lag_behind_pace_p99_ms"] / 1000
+        raw_wall = raw["wall_s"]
+        rows.append(
+            f"| {d['streams']} × {d['rate']:g} | {w['exact']}/{d['streams']} | {w['not_final']} "
+            f"| {w['wall_s']} s / {d['ideal_s']} s = {d['worker_wall_over_ideal']}× "
+            f"| {w['achieved_tok_per_s']:.0f} / {w['offered_tok_per_s']:.0f} "
+            f"| {lag50:.1f} / {lag99:.1f} s "
+            f"| {w['first_token_from_submit_p50_ms'] / 1000:.1f} s | {w['messages_per_token']} "
+            f"| {w['worker_cpu_us_per_token']} "
+            f"| {raw['cpu_us_per_token']} ({raw['exact']}/{raw['streams']} exact, {raw_wall} s) "
+            f"| {hx['cpu_us_per_token']} ({hx['exact']}/{hx['streams']} exact, {hx['wall_s']} s) "
+            f"| {d['worker_cpu_over_floor']}× | {d['httpx_cpu_over_floor']}× "
+            f"| {w['worker_cpu_utilization']} core |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_scale", description=__doc__)
     parser.add_argument("--levels", default="50:100:8,100:100:8,300:100:8,1000:20:20")
@@ -224,11 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--worker-src", help="run the worker from this checkout (e.g. main, for a baseline)"
     )
+    parser.add_argument("--table", help="print the markdown table of a saved report")
     parser.add_argument("--role", choices=["raw", "httpx"])  # internal: a reference consumer
     parser.add_argument("--upstream")
     parser.add_argument("--streams", type=int, default=0)
     parser.add_argument("--text-file")
     args = parser.parse_args(argv)
+    if args.table:
+        print(render_table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.role is not None:
         text = Path(args.text_file).read_text()
         result = asyncio.run(_consume(args.role, args.upstream, args.streams, text))
