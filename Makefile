@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint typecheck unit clean frontend-deps browser-deps js-test
+.PHONY: venv demo test lint typecheck unit clean frontend-deps browser-deps js-test vendor-supabase-js
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP) frontend-deps
+# The page's supabase-js is shipped in examples/frontend/vendor: no npm for the demo.
+demo: $(STAMP)
 	$(VENV)/bin/llm-relay demo $(ARGS)
 
 lint: $(STAMP)
@@ -29,7 +30,7 @@ typecheck: $(STAMP)
 # as root on a fresh machine: install them when missing, never a downloaded browser).
 FRONTEND := examples/frontend
 
-# The demo page loads supabase-js from the frontend's node_modules (no CDN).
+# The browser tests' harness loads supabase-js from the frontend's node_modules (no CDN).
 frontend-deps:
 	@command -v npm >/dev/null 2>&1 || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
@@ -38,6 +39,11 @@ frontend-deps:
 browser-deps: frontend-deps
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# After changing the pinned supabase-js in examples/frontend/package.json: refresh the
+# bundle the demo page ships (a test checks it equals node_modules' copy).
+vendor-supabase-js: frontend-deps
+	cp $(FRONTEND)/node_modules/@supabase/supabase-js/dist/umd/supabase.js $(FRONTEND)/vendor/
 
 js-test: browser-deps
 	node --test $(FRONTEND)/test/

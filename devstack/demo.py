@@ -1,8 +1,9 @@
 """`llm-relay demo`: the whole path on this machine, visible.
 
 Starts the local stack (embedded Postgres, the Realtime / PostgREST / Auth stand-ins
-behind one gateway, the demo page, the simulated upstream — or a real provider when
-its key is in the environment) and a worker process (`llm-relay run`). Then, as a
+behind one gateway, the demo page, the simulated upstream — or the provider the
+environment names, exactly as `llm-relay run` would use it) and a worker process
+(`llm-relay run`). Then, as a
 frontend would: a user creates a session, subscribes to its private topic (RLS
 decides), and inserts a request; the worker claims it and relays the tokens. The
 terminal prints the text *as that subscriber reassembled it*, then a summary, and
@@ -23,15 +24,16 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from typing import get_args
 
 import httpx
 import psycopg
 
 from devstack import jwt
 from devstack.cli import add_stack_arguments, stack_options, wait_for_stop_signal
-from devstack.stack import DevStack
+from devstack.stack import SIMULATED_API_KEY, DevStack
 from worker.cli import Command
-from worker.config import Settings
+from worker.config import GROQ_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL, Provider, Settings
 from worker.errors import ConfigError
 from worker.jobs.models import JobRecord, NewRequest
 from worker.jobs.postgres import PostgresJobRepository
@@ -69,20 +71,46 @@ class Upstream:
     env: dict[str, str]
 
 
-def choose_upstream(settings: Settings, stack: DevStack) -> Upstream:
-    """A real provider when its key is configured, else the simulated one."""
-    if settings.groq_api_key is not None:
-        return Upstream(f"Groq at {settings.groq_base_url}", {"RELAY_PROVIDER": "groq"})
-    if settings.openai_api_key is not None and "127.0.0.1" not in settings.openai_base_url:
-        return Upstream(f"OpenAI at {settings.openai_base_url}", {"RELAY_PROVIDER": "openai"})
-    env = stack.env()
+PROVIDER_NAMES: dict[Provider, str] = {"openai": "OpenAI", "groq": "Groq"}
+
+
+def _configured(settings: Settings, provider: Provider) -> bool:
+    """Configured as `llm-relay run` sees it, less the devstack's own simulator lines
+    (`llm-relay devstack > .env` leaves them behind; they point at another stack)."""
+    key = settings.api_key_for(provider)
+    if key is not None and key.get_secret_value() == SIMULATED_API_KEY:
+        return False
+    return settings.provider_configured(provider)
+
+
+def choose_upstream(settings: Settings, simulator: dict[str, str]) -> Upstream:
+    """The provider the environment names, used exactly as `llm-relay run` uses it
+    (its key, base URL and model, untouched); the simulated one when none is configured.
+
+    RELAY_PROVIDER decides when it is set; otherwise the first configured provider.
+    `simulator` is the stack's simulated-upstream settings (`DevStack.simulator_env()`).
+    """
+    if "relay_provider" in settings.model_fields_set:
+        provider: Provider | None = settings.relay_provider
+        if not _configured(settings, settings.relay_provider):
+            upper = settings.relay_provider.upper()
+            raise ConfigError(
+                f"RELAY_PROVIDER={settings.relay_provider} but neither {upper}_API_KEY nor "
+                f"{upper}_BASE_URL is set; unset RELAY_PROVIDER for the simulated upstream"
+            )
+    else:
+        provider = next((p for p in get_args(Provider) if _configured(settings, p)), None)
+    if provider is None:
+        url = simulator["OPENAI_BASE_URL"]
+        return Upstream(f"simulated OpenAI at {url} (no provider set)", simulator)
+    base_url = settings.base_url_for(provider)
+    name = PROVIDER_NAMES[provider]
+    if base_url != {"openai": OPENAI_DEFAULT_BASE_URL, "groq": GROQ_DEFAULT_BASE_URL}[provider]:
+        name = f"{name}-compatible server"
+    key = "API key set" if settings.api_key_for(provider) is not None else "no API key"
     return Upstream(
-        f"simulated OpenAI at {env['OPENAI_BASE_URL']}",
-        {
-            "RELAY_PROVIDER": "openai",
-            "OPENAI_BASE_URL": env["OPENAI_BASE_URL"],
-            "OPENAI_API_KEY": env["OPENAI_API_KEY"],
-        },
+        f"{name} at {base_url} (model {settings.model_for(provider)}, {key})",
+        {"RELAY_PROVIDER": provider},
     )
 
 
@@ -171,10 +199,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_worker(args: argparse.Namespace, settings: Settings, stack: DevStack) -> int:
-    upstream = choose_upstream(settings, stack)
+    upstream = choose_upstream(settings, stack.simulator_env())
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_HTTP")},
-        **stack.env(),
+        **stack.supabase_env(),
         **upstream.env,
         "RELAY_HTTP_HOST": "127.0.0.1",
         "RELAY_HTTP_PORT": str(health_port := _free_port()),

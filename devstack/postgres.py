@@ -72,13 +72,13 @@ class EmbeddedPostgres:
     _server: Any = field(default=None, init=False, repr=False)
 
     def start(self) -> str:
-        # devstack-only dependency, untyped re-export
-        get_server = importlib.import_module("pgserver").get_server
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             # platformdirs warns that XDG_RUNTIME_DIR is unset (root, no session): harmless.
+            # pgserver asks for that directory when it is imported, too.
             warnings.simplefilter("ignore")
+            # devstack-only dependency, untyped re-export
+            get_server = importlib.import_module("pgserver").get_server
             self._server = get_server(str(self.data_dir), cleanup_mode="stop")
         url = self.url
         apply_schema(url)

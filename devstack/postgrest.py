@@ -603,7 +603,8 @@ class PostgrestServer:
             raise _from_postgres(exc, authenticated=caller.authenticated) from exc
         if row is None:
             return "[]", 0
-        return str(row[0]), int(row[1])
+        # SQL NULL (a scalar function's) is JSON null, as PostgREST answers; never "None".
+        return ("null" if row[0] is None else str(row[0])), int(row[1])
 
     async def _rpc(self, request: web.Request) -> web.Response:
         """`POST /rpc/<fn>` with named arguments: a scalar as JSON, a set as an array."""

@@ -20,10 +20,11 @@ from aiohttp import web
 
 from devstack import jwt
 from devstack.auth import AuthStandIn
-from devstack.postgres import REPO_ROOT, EmbeddedPostgres
+from devstack.postgres import MIGRATIONS_DIR, REPO_ROOT, EmbeddedPostgres
 from devstack.postgrest import PostgrestServer
 from devstack.realtime import RealtimeLimits, RealtimeServer
 from devstack.upstream import SimulatedUpstream
+from worker.errors import ConfigError
 
 DEFAULT_API_PORT = 54321  # the Supabase CLI's API port
 DEFAULT_UPSTREAM_PORT = 54329
@@ -57,7 +58,25 @@ class DevStack:
         self._runner: web.AppRunner | None = None
         self._api_port: int | None = None
 
+    def check_sources(self) -> None:
+        """Fail now, saying how to fix it, when the files the stack serves are absent.
+
+        The migrations and the page live in the repository, not in the wheel: from a
+        `pip install` the devstack would start with no schema and a page that cannot load.
+        """
+        needed = [FRONTEND_DIR / "demo.html", FRONTEND_DIR / "vendor" / "supabase.js"]
+        if self.options.with_postgres:
+            needed.append(MIGRATIONS_DIR)
+        missing = [str(path) for path in needed if not path.exists()]
+        if missing:
+            raise ConfigError(
+                f"the local stack needs {', '.join(missing)}: it runs from a clone of the "
+                "repository (`git clone <repo> && cd llm-token-relay && make demo`); in a "
+                "clone, `git checkout -- examples/frontend supabase` restores them"
+            )
+
     async def start(self) -> None:
+        self.check_sources()
         opts = self.options
         if opts.with_postgres:
             self.postgres = EmbeddedPostgres(opts.data_dir / "pg")
@@ -78,8 +97,7 @@ class DevStack:
         AuthStandIn(database_url=self.database_url, jwt_secret=opts.jwt_secret).add_routes(app)
         # Registered before the static route so that it wins over a file of that name.
         app.router.add_get("/demo/demo-config.json", self._demo_config)
-        if FRONTEND_DIR.is_dir():
-            app.router.add_static("/demo/", FRONTEND_DIR, show_index=False)
+        app.router.add_static("/demo/", FRONTEND_DIR, show_index=False)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, opts.host, opts.api_port)
@@ -122,19 +140,28 @@ class DevStack:
 
     def env(self) -> dict[str, str]:
         """The settings a worker needs to use this stack (the `.env` lines)."""
-        if self.upstream is None:
-            raise RuntimeError("stack not started")
+        return {**self.supabase_env(), **self.simulator_env()}
+
+    def supabase_env(self) -> dict[str, str]:
+        """The Supabase and queue lines alone: what a worker with its own provider needs."""
         env = {
             "SUPABASE_URL": self.api_url,
             "SUPABASE_ANON_KEY": self.anon_key(),
             "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key(),
-            "OPENAI_BASE_URL": self.upstream.base_url,
-            "OPENAI_API_KEY": SIMULATED_API_KEY,
-            "RELAY_PROVIDER": "openai",
         }
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
         return env
+
+    def simulator_env(self) -> dict[str, str]:
+        """The provider lines that point a worker at the simulated upstream."""
+        if self.upstream is None:
+            raise RuntimeError("stack not started")
+        return {
+            "OPENAI_BASE_URL": self.upstream.base_url,
+            "OPENAI_API_KEY": SIMULATED_API_KEY,
+            "RELAY_PROVIDER": "openai",
+        }
 
     async def stop(self) -> None:
         if self.upstream is not None:

@@ -64,12 +64,15 @@ class Settings(BaseSettings):
 
     # --- Providers ---
     openai_api_key: SecretStr | None = Field(
-        None, validation_alias=_env("OPENAI_API_KEY"), description="OpenAI API key."
+        None,
+        validation_alias=_env("OPENAI_API_KEY"),
+        description="OpenAI API key (unset for a local server that takes none).",
     )
     openai_base_url: str = Field(
         OPENAI_DEFAULT_BASE_URL,
         validation_alias=_env("OPENAI_BASE_URL"),
-        description="OpenAI-compatible base URL (the devstack's simulated upstream locally).",
+        description="OpenAI-compatible base URL: OpenAI, or a local server such as Ollama, "
+        "vLLM, llama.cpp or KoboldCpp (setting it alone configures the provider).",
     )
     groq_api_key: SecretStr | None = Field(
         None, validation_alias=_env("GROQ_API_KEY"), description="Groq API key."
@@ -430,6 +433,15 @@ class Settings(BaseSettings):
 
     def api_key_for(self, provider: Provider) -> SecretStr | None:
         return self.openai_api_key if provider == "openai" else self.groq_api_key
+
+    def provider_configured(self, provider: Provider) -> bool:
+        """The one rule for "this worker can use `provider`": a key, or a base URL set.
+
+        A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
+        takes no key, so naming its URL configures the provider on its own.
+        """
+        base_url_field = "openai_base_url" if provider == "openai" else "groq_base_url"
+        return self.api_key_for(provider) is not None or base_url_field in self.model_fields_set
 
     def model_for(self, provider: Provider) -> str:
         return self.relay_model or DEFAULT_MODELS[provider]

@@ -62,7 +62,6 @@ def _require(path: Path | str, what: str) -> None:
 @pytest.fixture
 def chromium_executable() -> str:
     _require(shutil.which("chromium") or CHROMIUM, "Debian's chromium")
-    _require(SUPABASE_UMD / "supabase.js", "supabase-js (npm ci in examples/frontend)")
     return shutil.which("chromium") or CHROMIUM
 
 
@@ -158,6 +157,8 @@ async def _browser(executable: str, root: Path) -> AsyncIterator[Browser]:
 async def browser(
     chromium_executable: str, stack: Stack, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Browser]:
+    # The harness pages load supabase-js from node_modules (the demo page: from vendor/).
+    _require(SUPABASE_UMD / "supabase.js", "supabase-js (npm ci in examples/frontend)")
     # Depends on `stack` so that the pages close before the servers stop.
     async with _browser(chromium_executable, tmp_path) as b:
         yield b

@@ -51,3 +51,18 @@ def test_readme_configuration_table_is_generated_from_settings() -> None:
     start, end = "<!-- settings:start -->\n", "<!-- settings:end -->"
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table.strip() == render_markdown_table().strip()
+
+
+def test_a_provider_is_configured_by_a_key_or_by_a_base_url_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not Settings().provider_configured("openai")
+    assert not Settings().provider_configured("groq")
+    # A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) often takes no key.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1")
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
+    settings = Settings()
+    assert settings.provider_configured("openai") and settings.api_key_for("openai") is None
+    assert settings.provider_configured("groq")
+    # a copy made by a CLI override keeps what the environment set
+    assert settings.model_copy(update={"relay_concurrency": 2}).provider_configured("openai")

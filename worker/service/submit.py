@@ -6,6 +6,10 @@ policies and defaults apply (the owner is auth.uid(), status and outputs cannot
 be chosen). Prints one JSON object: id, session_id, topic. `--wait` then reads
 the row as the same user until it is finished and prints its final state;
 `--cancel ID` asks to cancel instead.
+
+`--access-token JWT` or `--anonymous` take the frontend's own path instead, with
+supabase-py (`worker.client`): Supabase Auth, then PostgREST under that user's RLS;
+it needs only SUPABASE_URL and SUPABASE_ANON_KEY, no database connection.
 """
 
 from __future__ import annotations
@@ -29,7 +33,21 @@ FINAL = ("done", "failed", "cancelled")
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--user", required=True, help="the submitting user's id (auth.uid())")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--user", help="the submitting user's id (auth.uid()): straight to DATABASE_URL"
+    )
+    who.add_argument(
+        "--access-token",
+        metavar="JWT",
+        help="a user's access token: through Auth and PostgREST (SUPABASE_URL, "
+        "SUPABASE_ANON_KEY) with supabase-py, as a frontend does",
+    )
+    who.add_argument(
+        "--anonymous",
+        action="store_true",
+        help="sign in anonymously through Auth, then as --access-token",
+    )
     parser.add_argument("--session", help="session id (default: a new session)")
     parser.add_argument("--provider", choices=("openai", "groq"))
     parser.add_argument("--model")
@@ -138,7 +156,67 @@ async def submit(args: argparse.Namespace, repository: JobRepository, settings: 
     return 0 if record.status == "done" else 1
 
 
+def row_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A request row read through PostgREST, in `record_json`'s shape."""
+    return {key: row.get(key) for key in RECORD_KEYS}
+
+
+RECORD_KEYS = (
+    "id",
+    "session_id",
+    "status",
+    "attempts",
+    "content",
+    "reasoning",
+    "next_offset",
+    "finish_reason",
+    "usage",
+    "error",
+)
+
+
+async def submit_rest(args: argparse.Namespace, settings: Settings) -> int:
+    """The frontend's path: supabase-py signs in (or takes the JWT), PostgREST writes."""
+    from worker.client import RelayClient  # supabase-py: paid only on this path
+
+    if settings.supabase_anon_key is None:
+        raise ConfigError("SUPABASE_ANON_KEY is not set (a frontend's key, for Auth + PostgREST)")
+    anon_key = settings.supabase_anon_key.get_secret_value()
+    async with await RelayClient.connect(
+        settings.supabase_url, anon_key, access_token=args.access_token
+    ) as relay:
+        if args.cancel:
+            status = await relay.cancel(args.cancel)
+            print(json.dumps({"id": args.cancel, "status": status}))
+            return 0 if status else 1
+        if args.new_session:
+            session_id = await relay.new_session(args.session)
+            print(json.dumps({"session_id": session_id, "topic": settings.topic_for(session_id)}))
+            return 0
+        request = build_request(args)
+        request_id, session_id = await relay.submit(
+            request.messages,
+            session_id=request.session_id,
+            provider=request.provider,
+            model=request.model,
+            params=request.params,
+        )
+        topic = settings.topic_for(session_id)
+        print(json.dumps({"id": request_id, "session_id": session_id, "topic": topic}), flush=True)
+        if not args.wait:
+            return 0
+        try:
+            row = await relay.wait(request_id, timeout_s=args.timeout)
+        except TimeoutError:
+            print(f"llm-relay submit: not finished after {args.timeout:g}s", file=sys.stderr)
+            return 1
+        print(json.dumps(row_json(row)))
+        return 0 if row["status"] == "done" else 1
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.access_token or args.anonymous:
+        return await submit_rest(args, settings)
     if not settings.database_url:
         raise ConfigError("DATABASE_URL is not set")
     repository = PostgresJobRepository.from_url(settings.database_url, pool_size=1)
