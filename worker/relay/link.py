@@ -34,6 +34,12 @@ from worker.config import Settings
 from worker.relay import metrics
 
 CLIENT_RECREATE_AFTER = 5  # consecutive connect failures (realtime-py's own give-up point)
+# realtime-py's join timeout (its client timeout). A join that times out locally but
+# succeeds on the server is followed by realtime-py's own rejoin; the server answers
+# that duplicate with phx_close of the first, which V1 clients cannot tell from a close
+# of the new one (ref §8): the channel closes locally, every rejoin repeats it. Private
+# joins check RLS in the database and take seconds under load, so wait long.
+JOIN_TIMEOUT_S = 30
 WATCH_TICK_S = 0.1
 
 # topic, status, reason (the server's reason string, or "")
@@ -238,7 +244,7 @@ class RealtimeLink:
             self.settings.realtime_url,
             token=self._api_key,
             auto_reconnect=False,
-            timeout=max(2, math.ceil(2 * self.settings.relay_ack_timeout_s)),
+            timeout=max(JOIN_TIMEOUT_S, math.ceil(2 * self.settings.relay_ack_timeout_s)),
         )
 
     def _set_state(self, state: LinkState) -> None:
