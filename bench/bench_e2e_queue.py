@@ -23,6 +23,11 @@ system-wide on Linux):
   receipt (the batcher's wait, the worker's and the server's queues);
 - worker CPU per token: utime + stime of the worker process (/proc) over the level;
 - worker peak RSS: VmHWM of the worker process at the end of the level.
+- Postgres writes (issue 14): committed transactions of the database (pg_stat_database
+  `xact_commit`, every statement of the queue is one) and rows inserted into the
+  token log, per second of the level; `--wal on,off` runs each level with the
+  write-ahead token log on (the product default) and off (RELAY_WAL=false), side by
+  side in one run.
 """
 
 from __future__ import annotations
@@ -119,9 +124,10 @@ def _error_counts(states: dict[str, StreamReassembly]) -> dict[str, int]:
 
 
 def _worker_env(
-    s: Stack, args: argparse.Namespace, database_url: str, streams: int
+    s: Stack, args: argparse.Namespace, database_url: str, streams: int, wal: bool = True
 ) -> dict[str, str]:
     return {
+        "RELAY_WAL": "true" if wal else "false",
         **os.environ,
         "DATABASE_URL": database_url,
         "SUPABASE_URL": s.realtime_url,
@@ -199,20 +205,44 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=10)
 
 
+def _db_counters(database_url: str) -> tuple[int, int]:
+    """(committed transactions, rows inserted into the token log) so far."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        commits = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables"
+            " WHERE relname = 'llm_request_chunks'"
+        ).fetchone()
+    return int(commits[0] if commits else 0), int(rows[0] if rows else 0)
+
+
+STATS_FLUSH_S = 1.5  # backends publish their counters about once a second
+
+
 def run_level(
-    s: Stack, args: argparse.Namespace, database_url: str, streams: int, tmp: Path
+    s: Stack,
+    args: argparse.Namespace,
+    database_url: str,
+    streams: int,
+    tmp: Path,
+    wal: bool = True,
 ) -> dict[str, Any]:
     from devstack.jwt import user_token
 
     sessions = asyncio.run(_create_sessions(database_url, streams))
-    sessions_file, sub_out = tmp / f"sessions-{streams}.json", tmp / f"sub-{streams}.json"
+    name = f"{streams}-{'wal' if wal else 'nowal'}"  # one level may run twice (--wal on,off)
+    sessions_file, sub_out = tmp / f"sessions-{name}.json", tmp / f"sub-{name}.json"
     sessions_file.write_text(json.dumps(sessions))
-    stop = tmp / f"sub-{streams}.stop"
+    stop = tmp / f"sub-{name}.stop"
     timeout = getattr(args, "level_timeout_s", None) or args.seconds * 6 + 900
-    log = (tmp / f"worker-{streams}.log").open("wb")
+    log = (tmp / f"worker-{name}.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", "--worker-id", f"e2e-{streams}"],
-        env=_worker_env(s, args, database_url, streams),
+        env=_worker_env(s, args, database_url, streams, wal),
         cwd=tmp,
         stderr=log,
     )
@@ -235,9 +265,13 @@ def run_level(
         if worker.poll() is not None:
             raise RuntimeError(f"worker exited {worker.returncode}, see {log.name}")
         stack_cpu0 = {name: cpu_seconds(pid) for name, pid in s.pids.items()}
+        time.sleep(STATS_FLUSH_S)
+        db0 = _db_counters(database_url)
         cpu0 = cpu_seconds(worker.pid)
         submitted, final, wall = asyncio.run(_submit_and_wait(database_url, sessions, timeout))
         cpu = cpu_seconds(worker.pid) - cpu0
+        time.sleep(STATS_FLUSH_S)
+        db1 = _db_counters(database_url)
         stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in s.pids.items()}
         rss_kb = _peak_rss_kb(worker.pid)
         stop.touch()
@@ -247,7 +281,13 @@ def run_level(
         _stop(worker)
         log.close()
     r = json.loads(sub_out.read_text())
-    return _figures(args, streams, submitted, final, wall, cpu, rss_kb, r, stack_cpu)
+    figures = _figures(args, streams, submitted, final, wall, cpu, rss_kb, r, stack_cpu)
+    figures["wal"] = wal
+    # The counters also cover the flush sleep, so per second is over wall + sleep.
+    span = wall + STATS_FLUSH_S
+    figures["pg_commits_per_s"] = round((db1[0] - db0[0]) / span, 1)
+    figures["pg_log_rows_per_s"] = round((db1[1] - db0[1]) / span, 1)
+    return figures
 
 
 def _figures(
@@ -323,9 +363,10 @@ def _run_all(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
         apply_schema(url)
         with stack(text, tokens_per_second=args.rate, database_url=url) as s:
             for streams in levels:
-                level = run_level(s, args, url, streams, root)
-                print(json.dumps(level), file=sys.stderr, flush=True)
-                report["levels"].append(level)
+                for wal in [m == "on" for m in args.wal.split(",") if m]:
+                    level = run_level(s, args, url, streams, root, wal)
+                    print(json.dumps(level), file=sys.stderr, flush=True)
+                    report["levels"].append(level)
     finally:
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -339,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="tokens/s per stream")
     parser.add_argument("--quick", action="store_true", help="levels 1 and 20, 2 s streams")
     parser.add_argument("--out")
+    parser.add_argument(
+        "--wal", default="on", help="on, off or on,off: the write-ahead token log per level"
+    )
     # internal: the subscriber process
     parser.add_argument("--role", choices=["subscriber"])
     for flag in ("--sessions", "--realtime-url", "--token", "--stop", "--joins-per-second"):

@@ -17,6 +17,12 @@ Two modes:
   rate-limit shutdown at the kill; independent subscribers (`Watcher`, one per
   session, direct to the server) must have every stream exact, and every stored
   transcript must equal the upstream's text.
+  With `own_words` (the default of `--real`, issue 14) the upstream continues in its
+  own words, as a real model does: a continued or taken-over stream's transcript is
+  then no longer the upstream's text, so each is checked against itself instead:
+  the row equals its write-ahead token log, every subscriber's text (live, plus its
+  catch-up reads of the log through PostgREST under RLS) equals the row, no offset
+  was ever broadcast with two different tokens, and no gap is left.
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from bench.chaos import FaultProxy
 from bench.soak import TIME_SCALE, _check, soak_text
-from devstack.jwt import api_key
+from devstack.jwt import api_key, user_token
+from devstack.postgrest import PostgrestServer
 from devstack.realtime import RealtimeServer
 from devstack.realtime.limits import RealtimeLimits, Timings
 from devstack.upstream.faults import Fault
-from devstack.upstream.server import SimulatedUpstream
+from devstack.upstream.server import OWN_WORDS_PREFIX, SimulatedUpstream
 from worker.jobs import NewRequest, PostgresJobRepository
 from worker.relay.reassembly import StreamReassembly
 from worker.relay.watch import Watcher
@@ -70,6 +79,7 @@ class QueueSoakConfig:
     lease_s: float = 1.5  # short, so the takeover after the kill is quick
     heartbeat_s: float = 0.3
     workers: int = 2
+    own_words: bool = True  # real mode: the upstream continues in its own words
 
 
 @dataclass
@@ -84,6 +94,10 @@ class QueueSoakReport:
     subscriber_exact_live: int = 0
     subscriber_exact_after_catch_up: int = 0  # live gap after the kill, filled by the snapshot
     subscriber_not_exact: list[dict[str, Any]] = field(default_factory=list)
+    continued_in_own_words: int = 0  # stored transcripts with an own-words continuation
+    conflicting_offsets: int = 0  # offsets broadcast with two different tokens
+    gaps_left: int = 0  # streams a subscriber could not complete
+    caught_up_tokens: int = 0  # tokens the subscribers read from the token log
     duplicates_dropped: int = 0
     proxy_cuts: int = 0
     upstream_requests: int = 0
@@ -93,7 +107,13 @@ class QueueSoakReport:
 
     @property
     def ok(self) -> bool:
-        return self.done_exact == self.requests and not self.lost and not self.subscriber_not_exact
+        return (
+            self.done_exact == self.requests
+            and not self.lost
+            and not self.subscriber_not_exact
+            and self.conflicting_offsets == 0
+            and self.gaps_left == 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -167,9 +187,20 @@ async def _run_real(database_url: str, config: QueueSoakConfig) -> QueueSoakRepo
         ),
     )
     text = soak_text(config.seed, config.tokens)
-    upstream = SimulatedUpstream(text=text, tokens_per_second=config.tokens_per_second)
+    upstream = SimulatedUpstream(
+        text=text,
+        tokens_per_second=config.tokens_per_second,
+        continuation="own_words" if config.own_words else "exact",
+    )
     await server.start()
     await upstream.start()
+    rest = web.Application()
+    PostgrestServer(database_url).add_routes(rest)
+    rest_runner = web.AppRunner(rest, access_log=None)
+    await rest_runner.setup()
+    rest_site = web.TCPSite(rest_runner, "127.0.0.1", 0)
+    await rest_site.start()
+    rest_port = rest_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         cuts = (1.0, 2.0) if config.chaos else None
         async with FaultProxy(
@@ -206,9 +237,11 @@ async def _run_real(database_url: str, config: QueueSoakConfig) -> QueueSoakRepo
                     Fault.reset(after_tokens=rng.randint(3, max(4, config.tokens - 3))),
                 )
             stack = _RealStack(server, upstream, text, env)
+            stack.rest_url = f"http://127.0.0.1:{rest_port}/rest/v1"
             report = await _run(database_url, config, stack)
             report.proxy_cuts = proxy.stats.cuts
     finally:
+        await rest_runner.cleanup()
         await upstream.stop()
         await server.stop()
     report.upstream_requests = len(upstream.requests)
@@ -225,6 +258,7 @@ class _RealStack:
     text: str
     env: dict[str, str]
     watchers: list[Watcher] = field(default_factory=list)
+    rest_url: str | None = None  # PostgREST: the subscribers' catch-up reads
 
 
 async def _run(
@@ -242,9 +276,12 @@ async def _run(
             for session in sessions:
                 watcher = Watcher(
                     realtime_url=stack.server.url + "/realtime/v1",
-                    token=api_key("anon"),
+                    token=user_token(USER),  # the owner: RLS lets it read its token log
                     topic=f"llm-token:{session}",
                     private=False,
+                    record=config.own_words,
+                    rest_url=stack.rest_url if config.own_words else None,
+                    apikey=api_key("anon"),
                 )
                 await watcher.start()
                 stack.watchers.append(watcher)
@@ -270,9 +307,12 @@ async def _run(
         await _wait_all_final(repo, ids, config.timeout_s - (time.monotonic() - started))
         report.relay_wall_s = round(time.monotonic() - spawned, 2)
         expected = stack.text if stack else scripted_text(0, config.tokens)
-        await _verify(repo, ids, expected, report)
-        if stack is not None:
-            await _verify_subscribers(stack, ids, sessions, report)
+        if stack is not None and config.own_words:
+            await _verify_own_words(repo, stack, ids, sessions, report)
+        else:
+            await _verify(repo, ids, expected, report)
+            if stack is not None:
+                await _verify_subscribers(stack, ids, sessions, report)
     finally:
         workers.stop_all()
         if stack is not None:
@@ -352,6 +392,99 @@ async def _verify_subscribers(
             report.subscriber_not_exact.append({"id": job_id, "why": problem, "statuses": statuses})
 
 
+async def _verify_own_words(
+    repo: PostgresJobRepository,
+    stack: _RealStack,
+    ids: list[str],
+    sessions: list[str | None],
+    report: QueueSoakReport,
+) -> None:
+    """Each stored transcript against itself: row = its token log = every subscriber's
+    text; no offset broadcast with two tokens; no gap left."""
+    stored: dict[str, tuple[str, str]] = {}
+    for job_id in ids:
+        record = await repo.get(job_id)
+        log = await repo.read_chunks(job_id, 0)
+        logged = (
+            "".join(c.text for c in log if c.kind == "content"),
+            "".join(c.text for c in log if c.kind == "reasoning"),
+        )
+        ok = (
+            record is not None
+            and record.status == "done"
+            and [c.offset for c in log] == list(range(record.snapshot.next_offset))
+            and logged == (record.snapshot.content, record.snapshot.reasoning)
+            and (record.snapshot.content == stack.text or OWN_WORDS_PREFIX in logged[0])
+        )
+        if not ok or record is None:
+            report.lost.append(
+                {
+                    "id": job_id,
+                    "status": None if record is None else record.status,
+                    "next_offset": None if record is None else record.snapshot.next_offset,
+                    "logged": len(log),
+                    "attempts": None if record is None else record.attempts,
+                    "error": None if record is None else record.error,
+                }
+            )
+            continue
+        report.done_exact += 1
+        report.taken_over += record.attempts > 1
+        report.continued_in_own_words += OWN_WORDS_PREFIX in logged[0]
+        stored[job_id] = (record.snapshot.content, record.snapshot.reasoning)
+    await _verify_subscribers_against(stack, ids, sessions, stored, report)
+
+
+async def _verify_subscribers_against(
+    stack: _RealStack,
+    ids: list[str],
+    sessions: list[str | None],
+    stored: dict[str, tuple[str, str]],
+    report: QueueSoakReport,
+) -> None:
+    mine_of = {
+        i: [job_id for n, job_id in enumerate(ids) if n % len(sessions) == i]
+        for i in range(len(stack.watchers))
+    }
+
+    def finished(i: int) -> bool:  # complete, catch-up included
+        streams = stack.watchers[i].reassembly.streams
+        return all(
+            (st := streams.get(job_id)) is not None and (st.complete or st.error is not None)
+            for job_id in mine_of[i]
+        )
+
+    with contextlib.suppress(TimeoutError):  # what is missing is reported below
+        async with asyncio.timeout(30):
+            while not all(finished(i) for i in mine_of):  # noqa: ASYNC110 - polls 4 watchers
+                await asyncio.sleep(0.1)
+    for i, watcher in enumerate(stack.watchers):
+        report.caught_up_tokens += watcher.caught_up_tokens
+        seen: dict[tuple[str, int], set[str]] = {}
+        for event, payload in watcher.recorded or []:
+            if event == "llm-token":
+                for k, token in enumerate(payload["tokens"]):
+                    seen.setdefault((payload["stream"], payload["offset"] + k), set()).add(token)
+        report.conflicting_offsets += sum(1 for tokens in seen.values() if len(tokens) > 1)
+        for job_id in mine_of[i]:
+            state = watcher.reassembly.streams.get(job_id)
+            if state is not None:
+                report.duplicates_dropped += state.duplicate_tokens
+            if state is None or not state.complete:
+                report.gaps_left += 1
+            if state is None or job_id not in stored:
+                why = "no stream" if state is None else "not stored"
+            elif state.text() != stored[job_id]:
+                why = "text differs from the stored transcript"
+            elif not state.checksums_match():
+                why = "checksum mismatch"
+            else:
+                report.subscriber_exact_live += 1
+                continue
+            statuses = [] if state is None else [m.status for m in state.statuses]
+            report.subscriber_not_exact.append({"id": job_id, "why": why, "statuses": statuses})
+
+
 def _caught_up(state: StreamReassembly, transcript: str) -> bool:
     resumed = any(m.status == "resuming" for m in state.statuses)
     content, _ = state.text()
@@ -383,7 +516,10 @@ async def _kill_one_mid_stream(
                     record is not None
                     and record.lease_owner == "soak-a"
                     and record.status == "running"
-                    and record.snapshot.next_offset > 0
+                    and (
+                        record.snapshot.next_offset > 0  # scripted runner: row checkpoints
+                        or await repo.read_chunks(job_id, 0)  # real runner: its token log
+                    )
                 ):
                     owned += 1
             if owned:
@@ -416,9 +552,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="60 requests")
     parser.add_argument("--real", action="store_true", help="the real runner through Realtime")
     parser.add_argument("--out")
+    parser.add_argument(
+        "--exact-upstream", action="store_true", help="--real: an upstream that continues exactly"
+    )
     args = parser.parse_args(argv)
     config = QueueSoakConfig(
-        requests=60 if args.quick else args.requests, tokens=args.tokens, real=args.real
+        requests=60 if args.quick else args.requests,
+        tokens=args.tokens,
+        real=args.real,
+        own_words=not args.exact_upstream,
     )
     from devstack.postgres import EmbeddedPostgres, apply_schema
 

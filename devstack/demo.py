@@ -90,26 +90,26 @@ def choose_upstream(settings: Settings, simulator: dict[str, str]) -> Upstream:
     RELAY_PROVIDER decides when it is set; otherwise the first configured provider.
     `simulator` is the stack's simulated-upstream settings (`DevStack.simulator_env()`).
     """
+    why = "no provider set"
     if "relay_provider" in settings.model_fields_set:
         provider: Provider | None = settings.relay_provider
         if not _configured(settings, settings.relay_provider):
+            # A copy of .env.example names openai with neither key nor URL: not a choice.
             upper = settings.relay_provider.upper()
-            raise ConfigError(
-                f"RELAY_PROVIDER={settings.relay_provider} but neither {upper}_API_KEY nor "
-                f"{upper}_BASE_URL is set; unset RELAY_PROVIDER for the simulated upstream"
-            )
+            why = f"RELAY_PROVIDER={provider} has no {upper}_API_KEY or {upper}_BASE_URL"
+            provider = None
     else:
         provider = next((p for p in get_args(Provider) if _configured(settings, p)), None)
     if provider is None:
-        url = simulator["OPENAI_BASE_URL"]
-        return Upstream(f"simulated OpenAI at {url} (no provider set)", simulator)
+        return Upstream(f"simulated OpenAI at {simulator['OPENAI_BASE_URL']} ({why})", simulator)
     base_url = settings.base_url_for(provider)
     name = PROVIDER_NAMES[provider]
     if base_url != {"openai": OPENAI_DEFAULT_BASE_URL, "groq": GROQ_DEFAULT_BASE_URL}[provider]:
         name = f"{name}-compatible server"
-    key = "API key set" if settings.api_key_for(provider) is not None else "no API key"
+    key = settings.api_key_for(provider)
+    has_key = "API key set" if key is not None and key.get_secret_value() else "no API key"
     return Upstream(
-        f"{name} at {base_url} (model {settings.model_for(provider)}, {key})",
+        f"{name} at {base_url} (model {settings.model_for(provider)}, {has_key})",
         {"RELAY_PROVIDER": provider},
     )
 

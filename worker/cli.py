@@ -32,12 +32,17 @@ DISTRIBUTION = "llm-token-relay"
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: `run(args, settings)` returns the exit code (sync or async)."""
+    """A subcommand: `run(args, settings)` returns the exit code (sync or async).
+
+    `on_invalid_settings(args, error)`, when given, reports settings that do not load
+    in the command's own format (the doctor's first check) instead of the generic line.
+    """
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Settings], int | Awaitable[int]]
+    on_invalid_settings: Callable[[argparse.Namespace, Exception], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except Exception as exc:  # pydantic's ValidationError names the bad variable
+        handler = command.on_invalid_settings
+        if handler is not None:
+            return handler(args, exc)
         print(f"llm-relay: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(

@@ -50,11 +50,19 @@ class RelayClient:
     """One signed-in user; `ask()` as often as needed; close (or `async with`) after."""
 
     def __init__(
-        self, supabase: AsyncClient, http: httpx.AsyncClient, *, url: str, access_token: str
+        self,
+        supabase: AsyncClient,
+        http: httpx.AsyncClient,
+        *,
+        url: str,
+        access_token: str,
+        anon_key: str | None = None,
     ) -> None:
         self.supabase = supabase
         self._http = http
         self._realtime_url = url.rstrip("/") + "/realtime/v1"
+        self._rest_url = url.rstrip("/") + "/rest/v1"
+        self._anon_key = anon_key
         self._access_token = access_token
 
     @classmethod
@@ -83,7 +91,7 @@ class RelayClient:
         except BaseException:
             await http.aclose()
             raise
-        return cls(supabase, http, url=url, access_token=access_token)
+        return cls(supabase, http, url=url, access_token=access_token, anon_key=anon_key)
 
     async def new_session(self, session_id: str | None = None) -> str:
         """A session this user owns: its topic is theirs alone to join (RLS)."""
@@ -113,6 +121,9 @@ class RelayClient:
             topic=topic_template.format(session_id=session_id),
             private=True,
             on_text=(lambda _stream, kind, text: on_text(kind, text)) if on_text else None,
+            # A gap (a worker died, a message lost) is filled from the token log.
+            rest_url=self._rest_url,
+            apikey=self._anon_key,
         )
         await watcher.start()
         try:

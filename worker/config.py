@@ -12,6 +12,8 @@ which `.env.example` and the README's configuration table are generated from
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -22,6 +24,22 @@ Provider = Literal["openai", "groq"]
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 GROQ_DEFAULT_BASE_URL = "https://api.groq.com/openai/v1"
 DEFAULT_MODELS: dict[str, str] = {"openai": "gpt-4o-mini", "groq": "llama-3.1-8b-instant"}
+
+
+# Shorter "keys" (test placeholders such as "x") would redact ordinary words.
+MIN_REDACTED_SECRET_CHARS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamDeadlines:
+    """One provider's read-path deadlines, in seconds, and the setting each came from
+    (error messages name the setting that fired)."""
+
+    connect_s: float
+    first_token_s: float
+    idle_s: float
+    total_s: float
+    names: dict[str, str] = dataclass_field(default_factory=dict)
 
 
 def _env(name: str) -> Any:
@@ -120,6 +138,54 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_TOTAL_TIMEOUT_S"),
         description="Overall deadline for one upstream generation.",
     )
+    relay_openai_connect_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_OPENAI_CONNECT_TIMEOUT_S"),
+        description="OpenAI only: connect deadline (unset: RELAY_CONNECT_TIMEOUT_S).",
+    )
+    relay_openai_first_token_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_OPENAI_FIRST_TOKEN_TIMEOUT_S"),
+        description="OpenAI only: first-token deadline (unset: RELAY_FIRST_TOKEN_TIMEOUT_S).",
+    )
+    relay_openai_idle_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_OPENAI_IDLE_TIMEOUT_S"),
+        description="OpenAI only: idle deadline (unset: RELAY_IDLE_TIMEOUT_S).",
+    )
+    relay_openai_total_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_OPENAI_TOTAL_TIMEOUT_S"),
+        description="OpenAI only: total deadline (unset: RELAY_TOTAL_TIMEOUT_S).",
+    )
+    relay_groq_connect_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_GROQ_CONNECT_TIMEOUT_S"),
+        description="Groq only: connect deadline (unset: RELAY_CONNECT_TIMEOUT_S).",
+    )
+    relay_groq_first_token_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_GROQ_FIRST_TOKEN_TIMEOUT_S"),
+        description="Groq only: first-token deadline (unset: RELAY_FIRST_TOKEN_TIMEOUT_S).",
+    )
+    relay_groq_idle_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_GROQ_IDLE_TIMEOUT_S"),
+        description="Groq only: idle deadline (unset: RELAY_IDLE_TIMEOUT_S).",
+    )
+    relay_groq_total_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("RELAY_GROQ_TOTAL_TIMEOUT_S"),
+        description="Groq only: total deadline (unset: RELAY_TOTAL_TIMEOUT_S).",
+    )
     relay_upstream_retries: int = Field(
         3,
         ge=0,
@@ -175,6 +241,42 @@ class Settings(BaseSettings):
         "Do not repeat any of it and do not comment on the interruption.",
         validation_alias=_env("RELAY_CONTINUE_PROMPT"),
         description="The user turn appended after the partial answer for `continue`.",
+    )
+
+    # --- Upstream bounds (a hostile or broken provider cannot exhaust the worker) ---
+    relay_max_sse_line_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        validation_alias=_env("RELAY_MAX_SSE_LINE_BYTES"),
+        description="Most bytes of one pending upstream SSE line (a line that never ends is "
+        "`malformed`).",
+    )
+    relay_max_sse_event_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        validation_alias=_env("RELAY_MAX_SSE_EVENT_BYTES"),
+        description="Most bytes of one pending upstream SSE event (data lines that never "
+        "reach a blank line are `malformed`).",
+    )
+    relay_max_body_bytes: int = Field(
+        67_108_864,
+        ge=65_536,
+        validation_alias=_env("RELAY_MAX_BODY_BYTES"),
+        description="Most bytes of one upstream response body after decompression (a gzip "
+        "bomb is `malformed`).",
+    )
+    relay_max_tokens_slack_tokens: int = Field(
+        16,
+        ge=0,
+        validation_alias=_env("RELAY_MAX_TOKENS_SLACK_TOKENS"),
+        description="Output deltas tolerated beyond a request's max_tokens (or "
+        "RELAY_MAX_TOKENS_CAP) before the stream ends with finish_reason `length`.",
+    )
+    relay_max_error_chars: int = Field(
+        500,
+        ge=40,
+        validation_alias=_env("RELAY_MAX_ERROR_CHARS"),
+        description="Longest upstream error message stored on a row or sent in `llm-error`.",
     )
 
     # --- Relay: batching and publishing ---
@@ -339,7 +441,28 @@ class Settings(BaseSettings):
         1.0,
         gt=0,
         validation_alias=_env("RELAY_CHECKPOINT_INTERVAL_S"),
-        description="Period of snapshot checkpoints (text + next offset) to Postgres.",
+        description=(
+            "Period of the cancel poll, and of row checkpoints for runners that do not "
+            "write the token log (RELAY_WAL=false, custom runners)."
+        ),
+    )
+    relay_wal: bool = Field(
+        True,
+        validation_alias=_env("RELAY_WAL"),
+        description=(
+            "Write each batch to the write-ahead token log (llm_request_chunks) before it is "
+            "broadcast, so a takeover continues from exactly what subscribers may have seen; "
+            "false only to benchmark without it."
+        ),
+    )
+    relay_chunk_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        validation_alias=_env("RELAY_CHUNK_RETENTION_S"),
+        description=(
+            "How long the token log of a finished request is kept for catch-up reads "
+            "(its row then holds the compacted transcript)."
+        ),
     )
     relay_grace_period_s: float = Field(
         20.0,
@@ -435,13 +558,51 @@ class Settings(BaseSettings):
         return self.openai_api_key if provider == "openai" else self.groq_api_key
 
     def provider_configured(self, provider: Provider) -> bool:
-        """The one rule for "this worker can use `provider`": a key, or a base URL set.
+        """The one rule for "this worker can use `provider`": a key, or a base URL of
+        its own.
 
         A local OpenAI-compatible server (Ollama, vLLM, llama.cpp, KoboldCpp) often
-        takes no key, so naming its URL configures the provider on its own.
+        takes no key, so naming its URL configures the provider on its own. An empty
+        key, or the public default URL without a key (a copy of `.env.example` has both)
+        configures nothing.
         """
-        base_url_field = "openai_base_url" if provider == "openai" else "groq_base_url"
-        return self.api_key_for(provider) is not None or base_url_field in self.model_fields_set
+        key = self.api_key_for(provider)
+        if key is not None and key.get_secret_value():
+            return True
+        default = OPENAI_DEFAULT_BASE_URL if provider == "openai" else GROQ_DEFAULT_BASE_URL
+        return self.base_url_for(provider).rstrip("/") != default
+
+    def deadlines_for(self, provider: Provider) -> UpstreamDeadlines:
+        """Connect / first-token / idle / total for one provider: its own setting when
+        set (`RELAY_GROQ_IDLE_TIMEOUT_S`), else the global one (`RELAY_IDLE_TIMEOUT_S`)."""
+        values: dict[str, tuple[float, str]] = {}
+        for phase in ("connect", "first_token", "idle", "total"):
+            own: float | None = getattr(self, f"relay_{provider}_{phase}_timeout_s")
+            if own is not None:
+                values[phase] = own, f"RELAY_{provider.upper()}_{phase.upper()}_TIMEOUT_S"
+            else:
+                values[phase] = (
+                    getattr(self, f"relay_{phase}_timeout_s"),
+                    f"RELAY_{phase.upper()}_TIMEOUT_S",
+                )
+        return UpstreamDeadlines(
+            connect_s=values["connect"][0],
+            first_token_s=values["first_token"][0],
+            idle_s=values["idle"][0],
+            total_s=values["total"][0],
+            names={phase: name for phase, (_, name) in values.items()},
+        )
+
+    def secret_values(self) -> list[str]:
+        """Every configured key, for redaction (never log or send these)."""
+        out: list[str] = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                secret = value.get_secret_value()
+                if len(secret) >= MIN_REDACTED_SECRET_CHARS:
+                    out.append(secret)
+        return out
 
     def model_for(self, provider: Provider) -> str:
         return self.relay_model or DEFAULT_MODELS[provider]

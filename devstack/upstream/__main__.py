@@ -19,6 +19,12 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reasoning-text", default="")
     parser.add_argument("--tokens-per-second", type=float, default=20.0)
     parser.add_argument("--api-key", default="sk-devstack", help="empty: accept any key")
+    parser.add_argument(
+        "--continuation",
+        choices=["exact", "own_words"],
+        default="exact",
+        help="how a continuation request is answered (own_words: as a real model would)",
+    )
     return parser.parse_args(argv)
 
 
@@ -31,6 +37,7 @@ async def _serve(args: argparse.Namespace) -> None:
         reasoning_text=args.reasoning_text,
         tokens_per_second=args.tokens_per_second,
         api_key=args.api_key or None,
+        continuation=args.continuation,
     )
     await upstream.start()
     print(f"simulated {args.provider} upstream on {upstream.base_url}", flush=True)

@@ -21,6 +21,16 @@ FaultKind = Literal[
     "error_event",  # stream `after_tokens` tokens, then an error inside the 200 stream
     "malformed",  # stream `after_tokens` tokens, then a chunk that is not JSON
     "truncate",  # stream `after_tokens` tokens, then end the body cleanly, no [DONE]
+    # --- a hostile or broken upstream (issue #12) ---
+    "empty_data",  # a healthy stream with `data:` / `data: ` keep-alive events between tokens
+    "endless_data",  # after `after_tokens`, `data:` lines that never reach a blank line
+    "no_newline",  # after `after_tokens`, one line that never ends
+    "gzip_bomb",  # Content-Encoding gzip: `size_bytes` of comment lines (or one line), ~1000:1
+    "ignore_max_tokens",  # stream `size_bytes` tokens whatever max_tokens says
+    "nul_token",  # after `after_tokens`, a token holding U+0000, then the rest
+    "echo_key",  # an HTTP `status` error whose message quotes the Authorization header
+    "inband_error",  # after `after_tokens`, an in-band error (`style`: groq | openrouter)
+    #                  then `[DONE]`
 ]
 
 GROQ_RATE_LIMIT_MESSAGE = (
@@ -48,6 +58,8 @@ class Fault:
     delay_s: float = 0.0  # slow_first_token delay; hang duration cap
     error: dict[str, Any] | None = None  # the error object for `error_event`
     as_event: bool = False  # error_event: `event: error` instead of `data: {"error":...}`
+    size_bytes: int = 0  # endless_data / no_newline / gzip_bomb: bytes; ignore_max_tokens: tokens
+    style: str = ""  # inband_error: "groq" (x_groq.error) or "openrouter" (error + finish)
 
     # --- constructors for the common cases ---
     @classmethod
@@ -122,6 +134,44 @@ class Fault:
     @classmethod
     def truncate(cls, after_tokens: int = 0) -> Fault:
         return cls("truncate", after_tokens=after_tokens)
+
+    # --- hostile modes ---
+    @classmethod
+    def empty_data(cls) -> Fault:
+        return cls("empty_data")
+
+    @classmethod
+    def endless_data(cls, after_tokens: int = 0, *, size_bytes: int = 4 << 30) -> Fault:
+        return cls("endless_data", after_tokens=after_tokens, size_bytes=size_bytes)
+
+    @classmethod
+    def no_newline(cls, after_tokens: int = 0, *, size_bytes: int = 4 << 30) -> Fault:
+        return cls("no_newline", after_tokens=after_tokens, size_bytes=size_bytes)
+
+    @classmethod
+    def gzip_bomb(cls, *, size_bytes: int = 512 << 20, style: str = "lines") -> Fault:
+        """`style`: "lines" (comment lines: only a decoded-body bound stops it) or
+        "line" (`data: ` and one line of zeros that never ends)."""
+        return cls("gzip_bomb", size_bytes=size_bytes, style=style)
+
+    @classmethod
+    def ignore_max_tokens(cls, *, tokens: int = 1_000_000) -> Fault:
+        return cls("ignore_max_tokens", size_bytes=tokens)
+
+    @classmethod
+    def nul_token(cls, after_tokens: int = 0) -> Fault:
+        return cls("nul_token", after_tokens=after_tokens)
+
+    @classmethod
+    def echo_key(cls, status: int = 401) -> Fault:
+        return cls("echo_key", status=status)
+
+    @classmethod
+    def inband_error(
+        cls, after_tokens: int = 0, *, style: str = "groq", code: int | str = 503
+    ) -> Fault:
+        error = {"message": "Service Unavailable: the model is over capacity", "code": code}
+        return cls("inband_error", after_tokens=after_tokens, style=style, error=error)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +51,18 @@ DEFAULT_TEXT = (
     "1234567, multi-byte UTF-8 such as café, 🦀 and 世界, and a final newline.\n"
 )
 MODEL_DEFAULTS: dict[str, str] = {"openai": "gpt-4o-mini", "groq": "llama-3.1-8b-instant"}
+# How a continuation request is answered: `exact` (the rest of the text, as a model
+# that continues exactly would) or `own_words` (what a real model does: the rest in
+# different words, so any token regenerated at an offset already shown differs).
+Continuation = Literal["exact", "own_words"]
+OWN_WORDS_PREFIX = "In other words, "
+
+
+def own_words(rest: str) -> str:
+    """The own-words continuation of `rest`: never the same tokens at the same offsets."""
+    return OWN_WORDS_PREFIX + rest.upper()
+
+
 CONTROL_PREFIX = "/_control"
 
 
@@ -87,8 +101,10 @@ class SimulatedUpstream:
         api_key: str | None = "sk-devstack",
         tool_call: tuple[str, str] | None = None,
         model: str | None = None,
+        continuation: Continuation = "exact",
     ) -> None:
         self.host = host
+        self.continuation: Continuation = continuation
         self.port = port
         self.provider: Flavor = provider
         self.text = text
@@ -179,6 +195,14 @@ class SimulatedUpstream:
         model = str(body.get("model") or self.model or MODEL_DEFAULTS[self.provider])
         if fault is not None and fault.kind == "status":
             return self._fault_response(fault, model)
+        if fault is not None and fault.kind == "echo_key":
+            # A careless upstream (or proxy) that quotes the request's credentials back.
+            echoed = request.headers.get("Authorization", "")
+            message = f"upstream failure; request had Authorization: {echoed}"
+            kind = "server_error" if fault.status >= 500 else "invalid_request_error"
+            return self._error(fault.status, message, kind, "echo")
+        if fault is not None and fault.kind == "gzip_bomb":
+            return await _gzip_bomb(request, fault.size_bytes, fault.style)
         return await _Streamer(self, request, body, model, fault).run()
 
     def _error(
@@ -209,12 +233,13 @@ class SimulatedUpstream:
         if len(messages) >= 2 and isinstance(messages[-2], dict):
             prior = messages[-2]
             partial = prior.get("content")
-            if (
-                prior.get("role") == "assistant"
-                and isinstance(partial, str)
-                and partial
-                and text.startswith(partial)
-            ):
+            is_continuation = (
+                prior.get("role") == "assistant" and isinstance(partial, str) and bool(partial)
+            )
+            if is_continuation and self.continuation == "own_words":
+                assert isinstance(partial, str)
+                text = own_words(text[len(partial) :])
+            elif is_continuation and isinstance(partial, str) and text.startswith(partial):
                 text = text[len(partial) :]
         prompt_tokens = sum(
             len(tokenize(m["content"]))
@@ -288,6 +313,9 @@ class _Streamer:
             await self.server.pause(fault.delay_s)
             return
         await self._send(self._first_chunk())
+        if fault is not None and fault.kind == "ignore_max_tokens":
+            await self._endless_tokens(plan, fault.size_bytes)
+            return
         if fault is not None and fault.kind == "slow_first_token":
             self.fault = None
             if await self.server.pause(fault.delay_s):
@@ -297,6 +325,8 @@ class _Streamer:
             for piece in pieces:
                 if await self._maybe_fault():
                     return
+                if fault is not None and fault.kind == "empty_data":
+                    await self.response.write(b"data:\n\ndata: \n\n")
                 await self._send(self._chunk({kind: piece}))
                 self.sent_tokens += 1
                 rate = self.server.tokens_per_second
@@ -333,7 +363,54 @@ class _Streamer:
         if fault.kind == "truncate":
             await self.response.write_eof()
             return True
+        return await self._hostile(fault)
+
+    async def _hostile(self, fault: Fault) -> bool:
+        """The hostile modes that fire after `after_tokens` tokens; True ends the stream."""
+        if fault.kind == "endless_data":
+            line = b"data: " + b"x" * 1018 + b"\n"  # 1 KiB lines, never a blank one
+            await self._write_repeated(line * 64, fault.size_bytes, b"data: ")
+            return True
+        if fault.kind == "no_newline":
+            await self._write_repeated(b"y" * 65536, fault.size_bytes, b"data: ")
+            return True
+        if fault.kind == "nul_token":
+            await self._send(self._chunk({"content": "nul:\u0000:"}))
+            self.sent_tokens += 1
+            return False
+        if fault.kind == "inband_error":
+            err = dict(fault.error or {})
+            if fault.style == "openrouter":
+                chunk = self._chunk({"content": ""}, finish="error")
+                chunk["error"] = err
+            else:
+                chunk = self._envelope()
+                chunk["choices"] = []
+                chunk["x_groq"] = {"id": self.request_id, "error": err.get("message", "")}
+            await self._send(chunk)
+            await self.response.write(b"data: [DONE]\n\n")
+            await self.response.write_eof()
+            return True
         return False
+
+    async def _write_repeated(self, block: bytes, size: int, head: bytes) -> None:
+        """`head`, then `block` again and again up to `size` bytes or until the client
+        goes away (a write then raises, ending the handler)."""
+        await self.response.write(head)
+        sent = len(head)
+        while sent < size and not self.server._stopping.is_set():
+            await self.response.write(block)
+            sent += len(block)
+
+    async def _endless_tokens(self, plan: StreamPlan, tokens: int) -> None:
+        """A provider that ignores max_tokens: `tokens` tokens, then a normal end."""
+        pieces = tokenize(self.server.text) or ["x"]  # the plan was cut to max_tokens
+        for index in range(tokens):
+            if self.server._stopping.is_set():
+                return
+            await self._send(self._chunk({"content": pieces[index % len(pieces)]}))
+            self.sent_tokens += 1
+        await self._finish(plan)
 
     async def _send_tool_call(self, name: str, arguments: str) -> bool:
         """Stream one call in pieces (each counts as a token for faults); True: ended."""
@@ -433,3 +510,38 @@ def _reset_connection(request: web.Request) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+_BOMB_LINE = b": keep-alive\n"
+
+
+@functools.lru_cache(maxsize=4)
+def gzip_bomb_body(size_bytes: int, style: str = "lines") -> bytes:
+    """gzip of `size_bytes`: tiny on the wire, huge once inflated. "lines": SSE comment
+    lines (valid SSE throughout, so only a bound on the decoded body stops it); "line":
+    `data: ` and zeros without a line end."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = _BOMB_LINE * (1 << 16) if style == "lines" else b"0" * (1 << 20)
+    parts = [compressor.compress(b"data: ")] if style == "line" else []
+    left = size_bytes
+    while left > 0:
+        piece = block if left >= len(block) else block[:left]
+        parts.append(compressor.compress(piece))
+        left -= len(piece)
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+async def _gzip_bomb(request: web.Request, size_bytes: int, style: str) -> web.StreamResponse:
+    body = gzip_bomb_body(size_bytes, style)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+    )
+    try:
+        await response.prepare(request)
+        for start in range(0, len(body), 16384):
+            await response.write(body[start : start + 16384])
+        await response.write_eof()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    return response

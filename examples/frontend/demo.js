@@ -10,7 +10,7 @@
 //   stream   watch this request id only (no prompt box)
 //   budget   the project's messages/s budget drawn on the chart (default 100)
 //   private  1 (default) or 0
-//   checkpoint  snapshot re-read period in ms (default 1000)
+//   checkpoint  how long a gap is held before the token log is read, ms (default 300)
 
 import { subscribeToSession } from "./llm-relay-client.js";
 
@@ -38,7 +38,7 @@ async function loadConfig() {
     stream: pick("stream", "stream", null),
     budget: Number(pick("budget", "budget", 100)),
     private: !["0", "false", false].includes(pick("private", "private", "1")),
-    checkpointMs: Number(pick("checkpoint", "checkpointMs", 1000)),
+    checkpointMs: Number(pick("checkpoint", "checkpointMs", 300)),
   };
 }
 
@@ -200,7 +200,7 @@ class DemoPage {
     const label = {
       waiting: "waiting for tokens…",
       streaming: view.status?.status ? `streaming · ${view.status.status}` : "streaming",
-      gap: "gap held, reading snapshot…",
+      gap: "gap held, reading the token log…",
       complete:
         `done (${view.done?.finish_reason ?? view.done?.status ?? "complete"})` +
         (view.verified === true ? " · checksum ✓" : view.verified === false ? " · checksum ✗" : ""),
@@ -325,7 +325,7 @@ async function main() {
     session: config.session,
     private: config.private,
     accessToken: config.token ?? undefined,
-    checkpointIntervalMs: config.checkpointMs,
+    gapTimeoutMs: config.checkpointMs,
     streams: config.stream ? [config.stream] : [],
     onUpdate: (view, event) => page.onUpdate(view, event),
     onChannel: (state, err) => {

@@ -31,7 +31,20 @@ export type UpdateEvent =
   | { type: "status" | "error" | "done"; payload: Record<string, unknown>; at: number }
   | { type: "snapshot"; moved: boolean; row: Record<string, unknown>; at: number }
   | { type: "snapshot-error"; error: unknown; at: number }
+  | { type: "log"; tokens: number; at: number }
+  | { type: "log-error"; error: unknown; at: number }
   | { type: "verified"; ok: boolean; at: number };
+
+/** Where the token log lives (defaults: the migrations' `llm_request_chunks`). */
+export interface LogSource {
+  table?: string;
+  requestColumn?: string;
+  offsetColumn?: string;
+  kindColumn?: string;
+  textColumn?: string;
+  /** rows per read (Supabase's default max rows is 1000) */
+  pageSize?: number;
+}
 
 export interface SubscribeOptions {
   /** session id; the topic is `llm-token:<session>` */
@@ -46,7 +59,11 @@ export interface SubscribeOptions {
   broadcast?: { ack?: boolean; self?: boolean };
   /** where the snapshot row lives; `false` to never read it */
   snapshot?: SnapshotSource | false;
-  /** re-read period while a snapshot still ends before the live messages (ms, default 1000) */
+  /** the write-ahead token log read on joining late and on old gaps; `false` to never read it */
+  log?: LogSource | false;
+  /** how long a gap is held before it is read from the token log (ms, default 300) */
+  gapTimeoutMs?: number;
+  /** @deprecated the old name of `gapTimeoutMs` */
   checkpointIntervalMs?: number;
   /** offsets count across kinds ("stream", the contract) or per kind */
   offsetScope?: "stream" | "kind";

@@ -2,8 +2,10 @@
 //
 // Dependency-free ES module: pass in your own supabase-js client. It joins
 // `llm-token:<session>` (private by default), reassembles each stream with the
-// client rule (reassembly.js), merges the snapshot row for late and reconnecting
-// subscribers, and reports every change through one callback.
+// client rule (reassembly.js), catches up late and reconnecting subscribers from
+// the write-ahead token log (`llm_request_chunks`, read through PostgREST under
+// RLS from the next expected offset) and the request row (final text, status),
+// and reports every change through one callback.
 //
 //   import { subscribeToSession } from "./llm-relay-client.js";
 //   const sub = subscribeToSession(supabase, {
@@ -34,9 +36,36 @@ const DEFAULT_SNAPSHOT = Object.freeze({
   finishReasonColumn: "finish_reason",
 });
 
+const DEFAULT_LOG = Object.freeze({
+  table: "llm_request_chunks",
+  requestColumn: "request_id",
+  offsetColumn: "token_offset",
+  kindColumn: "kind",
+  textColumn: "text",
+  pageSize: 1000, // Supabase's default max rows per read
+});
+
 /** Row statuses that mean the stream ended; its row then holds the final text. */
 export const DONE_STATUSES = Object.freeze(["done", "completed", "succeeded"]);
 export const FAILED_STATUSES = Object.freeze(["failed", "error", "cancelled", "canceled"]);
+
+/** Rows of the token log as `llm-token`-shaped payloads (one per run of one kind). */
+export function chunkPayloads(stream, rows, columns = DEFAULT_LOG) {
+  const out = [];
+  let run = null;
+  for (const row of rows) {
+    const offset = row[columns.offsetColumn];
+    const kind = row[columns.kindColumn];
+    if (run && (run.kind !== kind || run.offset + run.tokens.length !== offset)) {
+      out.push(run);
+      run = null;
+    }
+    if (!run) run = { v: 1, stream, seq: -1, offset, kind, tokens: [] };
+    run.tokens.push(row[columns.textColumn]);
+  }
+  if (run) out.push(run);
+  return out;
+}
 
 /** The topic of a session, from a template with `{session}` in it. */
 export function topicFor(session, template = "llm-token:{session}") {
@@ -63,9 +92,12 @@ class Subscription {
     this.supabase = supabase;
     this.options = options;
     this.topic = topicFor(options.session, options.topicTemplate);
-    this.checkpointIntervalMs = options.checkpointIntervalMs ?? 1000;
+    // A held gap older than this is read from the token log (the live message that
+    // would fill it may be gone with a dead worker, or still be retried).
+    this.gapTimeoutMs = options.gapTimeoutMs ?? options.checkpointIntervalMs ?? 300;
     this.snapshot =
       options.snapshot === false ? null : { ...DEFAULT_SNAPSHOT, ...(options.snapshot ?? {}) };
+    this.log = options.log === false ? null : { ...DEFAULT_LOG, ...(options.log ?? {}) };
     this.now = options.now ?? (() => performance.now());
     /** @type {Map<string, StreamAssembler>} */
     this.streams = new Map();
@@ -202,9 +234,22 @@ class Subscription {
    */
   _scheduleRead(stream) {
     if (!this.snapshot || this.closed || !stream.needsSnapshot()) return;
-    const r = this._reads.get(stream.stream);
+    let r = this._reads.get(stream.stream);
     if (r && (r.timer || r.inFlight)) return;
-    this._readSnapshot(stream);
+    // Joined late (nothing applied yet): read now. A gap in a stream we follow
+    // usually fills by itself (retries, pipelining): read once it is old.
+    if (stream.nextOffset() === 0 && stream.content === "" && stream.reasoning === "") {
+      this._readSnapshot(stream);
+      return;
+    }
+    if (!r) {
+      r = { timer: null, inFlight: false };
+      this._reads.set(stream.stream, r);
+    }
+    r.timer = setTimeout(() => {
+      r.timer = null;
+      if (stream.needsSnapshot()) this._readSnapshot(stream);
+    }, this.gapTimeoutMs);
   }
 
   async _readSnapshot(stream) {
@@ -255,16 +300,57 @@ class Subscription {
         },
       });
       stream.rowStatus = s.statusColumn ? (data[s.statusColumn] ?? null) : null;
+      const terminal =
+        DONE_STATUSES.includes(stream.rowStatus) || FAILED_STATUSES.includes(stream.rowStatus);
+      // The row is written at the end; while the stream runs its text is in the log.
+      if (this.log && !terminal && !this.closed) await this._readLog(stream, r);
       this._settleFromRow(stream, data);
       this._emit(stream, { type: "snapshot", moved, row: data, at: this.now() });
     }
-    // A snapshot that still ends before the held live messages (or before the
-    // announced end) is older than the next checkpoint: read again later.
-    if (stream.needsSnapshot() && !this.closed) {
+    // Still short of the held live messages (or of the announced end): the tokens
+    // are being written, read again after the gap timeout.
+    if (stream.needsSnapshot() && !this.closed && !r.timer) {
       r.timer = setTimeout(() => {
         r.timer = null;
         this._readSnapshot(stream);
-      }, this.checkpointIntervalMs);
+      }, this.gapTimeoutMs);
+    }
+  }
+
+  /**
+   * Catch up from the write-ahead token log: every token at and after the next
+   * expected offset, in pages, applied with the client rule like live messages.
+   *
+   *   GET /rest/v1/llm_request_chunks?select=token_offset,kind,text
+   *       &request_id=eq.<id>&token_offset=gte.<next>&order=token_offset&limit=1000
+   */
+  async _readLog(stream, r) {
+    const l = this.log;
+    r.inFlight = true;
+    try {
+      for (;;) {
+        const from = stream.nextOffset();
+        const { data, error } = await this.supabase
+          .from(l.table)
+          .select([l.offsetColumn, l.kindColumn, l.textColumn].join(","))
+          .eq(l.requestColumn, stream.stream)
+          .gte(l.offsetColumn, from)
+          .order(l.offsetColumn, { ascending: true })
+          .limit(l.pageSize);
+        if (this.closed) return;
+        if (error) {
+          this._emit(stream, { type: "log-error", error, at: this.now() });
+          return;
+        }
+        const rows = data ?? [];
+        for (const payload of chunkPayloads(stream.stream, rows, l)) stream.pushTokens(payload, "log");
+        if (rows.length) this._emit(stream, { type: "log", tokens: rows.length, at: this.now() });
+        if (rows.length < l.pageSize || stream.nextOffset() === from) return;
+      }
+    } catch (error) {
+      this._emit(stream, { type: "log-error", error, at: this.now() });
+    } finally {
+      r.inFlight = false;
     }
   }
 

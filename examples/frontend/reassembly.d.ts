@@ -29,6 +29,7 @@ export interface AssemblerStats {
   gapsFilled: number;
   snapshotsMerged: number;
   snapshotTokens: number;
+  logTokens: number;
   invalid: number;
 }
 
@@ -72,7 +73,7 @@ export declare class StreamAssembler {
   stats: AssemblerStats;
   verified: boolean | null;
   nextOffset(kind?: TokenKind): number;
-  pushTokens(payload: unknown): "applied" | "duplicate" | "held" | "invalid";
+  pushTokens(payload: unknown, source?: "live" | "log"): "applied" | "duplicate" | "held" | "invalid";
   applySnapshot(snapshot: Snapshot | null | undefined): boolean;
   pushStatus(payload: unknown): void;
   pushError(payload: unknown): void;

@@ -62,6 +62,7 @@ function newStats() {
     gapsFilled: 0, // times held messages became applicable
     snapshotsMerged: 0, // snapshot rows that moved the text forward
     snapshotTokens: 0, // tokens covered by snapshots
+    logTokens: 0, // tokens applied from the write-ahead token log (catch-up reads)
     invalid: 0, // malformed payloads ignored
   };
 }
@@ -194,23 +195,28 @@ export class StreamAssembler {
   }
 
   /**
-   * Feed one `llm-token` payload.
+   * Feed one `llm-token` payload (or a run of the token log: `source` "log").
    * @param {any} payload
+   * @param {"live" | "log"} [source]
    * @returns {"applied" | "duplicate" | "held" | "invalid"}
    */
-  pushTokens(payload) {
+  pushTokens(payload, source = "live") {
     if (validateTokenPayload(payload) !== null) {
       this.stats.invalid += 1;
       return "invalid";
     }
-    this.stats.messages += 1;
+    const fromLog = source === "log";
+    if (!fromLog) this.stats.messages += 1;
     if (Number.isSafeInteger(payload.seq)) this.lastSeq = Math.max(this.lastSeq, payload.seq);
     const msg = { offset: payload.offset, kind: payload.kind, tokens: payload.tokens };
     const lane = this._lane(msg.kind);
     if (lane.firstLive === null) lane.firstLive = msg.offset;
     if (msg.offset + msg.tokens.length <= lane.next) {
-      this.stats.duplicateMessages += 1;
-      this.stats.duplicateTokens += msg.tokens.length;
+      // A catch-up read that the live messages overtook is not a duplicate send.
+      if (!fromLog) {
+        this.stats.duplicateMessages += 1;
+        this.stats.duplicateTokens += msg.tokens.length;
+      }
       return "duplicate";
     }
     if (msg.offset > lane.next) {
@@ -218,7 +224,9 @@ export class StreamAssembler {
       return "held";
     }
     const hadGap = lane.held.size > 0;
-    this.stats.tokens += this._applyFrom(lane, msg);
+    const applied = this._applyFrom(lane, msg);
+    if (fromLog) this.stats.logTokens += applied;
+    else this.stats.tokens += applied;
     if (this._drain(lane) > 0 && hadGap) this.stats.gapsFilled += 1;
     return "applied";
   }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import REGISTRY
@@ -18,8 +19,9 @@ from tests.integration.relay_harness import (
     token_source,
     words,
 )
+from worker.relay.batcher import Batch
 from worker.relay.publisher import Publisher, PublisherState
-from worker.relay.stream import Snapshot, relay_stream
+from worker.relay.stream import relay_stream
 from worker.relay.wire import text_checksum
 from worker.upstream.events import Status
 
@@ -43,10 +45,10 @@ async def test_one_stream_arrives_exactly(server: RealtimeServer, subscriber: Su
     topic, stream = "llm-token:s1", "st-1"
     await subscriber.join(topic)
     settings = relay_settings(server)
-    snapshots: list[Snapshot] = []
+    durable: list[Batch] = []
 
-    async def checkpoint(snap: Snapshot) -> None:
-        snapshots.append(snap)
+    async def write_ahead(batches: Sequence[Batch]) -> None:
+        durable.extend(batches)
 
     content, reasoning = words(300), words(40, prefix="r")
     async with Publisher(settings, api_key=api_key("service_role")) as pub:
@@ -62,7 +64,7 @@ async def test_one_stream_arrives_exactly(server: RealtimeServer, subscriber: Su
             topic=topic,
             stream_id=stream,
             settings=settings,
-            on_checkpoint=checkpoint,
+            durable=write_ahead,
         )
         await subscriber.wait_complete(topic, stream)
     assert result.error is None and result.finish_reason == "stop"
@@ -74,9 +76,10 @@ async def test_one_stream_arrives_exactly(server: RealtimeServer, subscriber: Su
     assert state.duplicate_tokens == 0 and state.gaps == 0
     assert [s.status for s in state.statuses] == ["retrying"]
     assert state.done is not None and state.done.content_sha256 == text_checksum("".join(content))
-    assert snapshots[-1].final and snapshots[-1].next_offset == 340
-    assert snapshots[-1].content == "".join(content)
-    assert len(snapshots) >= 2
+    # every token went through the write-ahead hook, once, in offset order
+    assert [b.offset for b in durable] == sorted(b.offset for b in durable)
+    assert sum(len(b.tokens) for b in durable) == 340 and len(durable) >= 2
+    assert "".join(t for b in durable if b.kind == "content" for t in b.tokens) == "".join(content)
 
 
 async def test_pipelined_pushes_keep_their_order(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -12,10 +12,12 @@ from devstack.jwt import api_key
 from devstack.realtime import RealtimeServer
 from tests.integration.relay_harness import Subscriber, relay_settings, token_source, words
 from worker.errors import QueueError, UpstreamError
+from worker.relay.batcher import Batch
 from worker.relay.publisher import Publisher
 from worker.relay.reassembly import StreamReassembly
-from worker.relay.stream import Snapshot, relay_stream
+from worker.relay.stream import relay_stream
 from worker.relay.wire import TokenMessage
+from worker.transcript import StreamTranscript
 from worker.upstream.events import Token, UpstreamEvent
 
 pytestmark = [
@@ -65,10 +67,7 @@ async def test_takeover_continues_offsets_and_checksums_cover_the_whole_text(
     settings = relay_settings(server)
     first, second = words(30, prefix="a"), words(50, prefix="b")
     async with Publisher(settings, api_key=api_key("service_role")) as pub:
-        snaps: list[Snapshot] = []
-
-        async def keep(s: Snapshot) -> None:
-            snaps.append(s)
+        snap = StreamTranscript()
 
         # The first worker relays 30 tokens and "crashes" (its iterator just stops).
         await relay_stream(
@@ -77,9 +76,8 @@ async def test_takeover_continues_offsets_and_checksums_cover_the_whole_text(
             topic="llm-token:e2-old",
             stream_id=stream,
             settings=settings,
-            on_checkpoint=keep,
+            transcript=snap,
         )
-        snap = snaps[-1]
         assert (snap.next_offset, snap.content) == (30, "".join(first))
         # The new worker continues from the snapshot.
         result = await relay_stream(
@@ -151,9 +149,9 @@ async def test_cancellation_stops_the_relay(server: RealtimeServer) -> None:
 
 
 async def test_checkpoint_failure_propagates(server: RealtimeServer) -> None:
-    settings = relay_settings(server, relay_checkpoint_interval_s=0.05)
+    settings = relay_settings(server)
 
-    async def lost_lease(_: Snapshot) -> None:
+    async def lost_lease(_: Sequence[Batch]) -> None:
         raise QueueError("lease lost", job_id="j1")
 
     async with Publisher(settings, api_key=api_key("service_role")) as pub:
@@ -165,7 +163,7 @@ async def test_checkpoint_failure_propagates(server: RealtimeServer) -> None:
                     topic="llm-token:q",
                     stream_id="q",
                     settings=settings,
-                    on_checkpoint=lost_lease,
+                    durable=lost_lease,
                 ),
                 20,
             )

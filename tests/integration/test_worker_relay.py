@@ -20,18 +20,21 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from aiohttp import web
 
 from devstack import jwt
+from devstack.postgrest import PostgrestServer
 from devstack.realtime import RealtimeServer
 from devstack.upstream import SimulatedUpstream
+from devstack.upstream.server import OWN_WORDS_PREFIX
 from devstack.upstream.tokens import tokenize
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.jobs import JobRecord, NewRequest, PostgresJobRepository
 from worker.relay.reassembly import StreamReassembly
 from worker.relay.watch import Watcher
-from worker.relay.wire import parse_message
 from worker.service.runner import RelayRunner
 from worker.service.worker import Worker
 
@@ -141,6 +144,15 @@ async def wait_for(
             await asyncio.sleep(0.05)
 
 
+async def wait_logged(repo: PostgresJobRepository, job_id: str, tokens: int) -> None:
+    """Until the token log of `job_id` holds `tokens` tokens (the row is written at the end)."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            if len(await repo.read_chunks(job_id, 0)) >= tokens:
+                return
+            await asyncio.sleep(0.02)
+
+
 def the_stream(watcher: Watcher, job_id: str) -> StreamReassembly:
     return watcher.reassembly.streams[job_id]
 
@@ -193,7 +205,7 @@ async def test_the_owner_cancels_and_the_subscriber_is_told(
     session = await repo.create_session_as(USER_A)
     async with subscriber(realtime, USER_A, session) as watcher, worker_in_process(settings, "w"):
         submitted = await repo.submit_as(USER_A, NewRequest(HELLO, session_id=session))
-        await wait_for(repo, submitted.id, lambda r: r.snapshot.next_offset >= 10)
+        await wait_logged(repo, submitted.id, 10)
         await repo.cancel_as(USER_A, submitted.id)
         record = await wait_for(repo, submitted.id, lambda r: r.status != "running")
         await watcher.wait_finished(timeout_s=WAIT_S)
@@ -218,7 +230,7 @@ async def test_a_drained_stream_is_continued_by_another_worker_without_a_seam(
     async with subscriber(realtime, USER_A, session) as watcher:
         async with worker_in_process(settings, "first") as (first, _):
             submitted = await repo.submit_as(USER_A, NewRequest(HELLO, session_id=session))
-            await wait_for(repo, submitted.id, lambda r: r.snapshot.next_offset >= 20)
+            await wait_logged(repo, submitted.id, 20)
             first.stop()
         released = await wait_for(repo, submitted.id, lambda r: r.status == "queued")
         assert released.attempts == 0
@@ -233,15 +245,64 @@ async def test_a_drained_stream_is_continued_by_another_worker_without_a_seam(
     assert stream.duplicate_tokens == 0
 
 
-async def test_kill_9_mid_stream_the_subscriber_text_equals_the_stored_transcript(
+@pytest.fixture
+async def own_words_upstream() -> AsyncIterator[SimulatedUpstream]:
+    """Continues in its own words, as a real model does: a regenerated offset differs."""
+    async with SimulatedUpstream(
+        text=TEXT, tokens_per_second=200, api_key=UPSTREAM_KEY, continuation="own_words"
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+async def postgrest(database_url: str) -> AsyncIterator[str]:
+    """The PostgREST stand-in on a real socket: the subscribers' catch-up reads."""
+    app = web.Application()
+    PostgrestServer(database_url).add_routes(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/rest/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def logged_chunks(database_url: str, job_id: str) -> list[tuple[int, str, str]]:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT token_offset, kind, text FROM public.llm_request_chunks"
+            " WHERE request_id = %s ORDER BY token_offset",
+            (job_id,),
+        )
+        return [(int(o), str(k), str(t)) for o, k, t in await cursor.fetchall()]
+
+
+def conflicting_offsets(recorded: list[tuple[str, dict[str, Any]]]) -> dict[int, set[str]]:
+    """Offsets at which two different tokens were broadcast."""
+    seen: dict[int, set[str]] = {}
+    for event, payload in recorded:
+        if event == "llm-token":
+            for i, token in enumerate(payload["tokens"]):
+                seen.setdefault(payload["offset"] + i, set()).add(token)
+    return {offset: tokens for offset, tokens in seen.items() if len(tokens) > 1}
+
+
+async def test_kill_9_with_a_model_that_continues_in_its_own_words(
     database_url: str,
     realtime: RealtimeServer,
-    upstream: SimulatedUpstream,
+    own_words_upstream: SimulatedUpstream,
+    postgrest: str,
     repo: PostgresJobRepository,
     tmp_path: Path,
 ) -> None:
-    """The client rule of design.md: apply live tokens by offset, and catch up from the
-    snapshot row (read as the user, under RLS) — here right after the crash."""
+    """Real `llm-relay run` processes, real Postgres, an independent subscriber that
+    catches up from the token log (PostgREST, RLS): whatever it was sent before the
+    crash is the stored transcript, so its text is exactly the stored transcript even
+    though the heir's model words the rest differently."""
+    upstream = own_words_upstream
     env = {**os.environ, **env_for(database_url, realtime, upstream)}
     session = await repo.create_session_as(USER_A)
 
@@ -254,57 +315,75 @@ async def test_kill_9_mid_stream_the_subscriber_text_equals_the_stored_transcrip
                 stderr=log,
             )
 
-    async with subscriber(realtime, USER_A, session, record=True) as watcher:
-        submitted = await repo.submit_as(USER_A, NewRequest(HELLO, session_id=session))
-        first = spawn("first")
-        second: subprocess.Popen[bytes] | None = None
-        try:
-            await wait_for(
-                repo,
-                submitted.id,
-                lambda r: r.lease_owner == "first" and r.snapshot.next_offset >= 30,
-            )
-            first.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(first.wait, 10)
-            caught_up = await repo.get_as(USER_A, submitted.id)  # a reconnecting client
-            second = spawn("second")
-            record = await wait_for(repo, submitted.id, lambda r: r.status != "running")
-            async with asyncio.timeout(WAIT_S):
-                while True:  # the live stream may hold a gap: wait for llm-done
-                    live = watcher.reassembly.streams.get(submitted.id)
-                    if live is not None and live.done is not None:
-                        break
-                    await asyncio.sleep(0.05)
-        finally:
-            for proc in (first, second):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    await asyncio.to_thread(proc.wait, 15)
-    assert (record.status, record.attempts) == ("done", 2), (tmp_path / "second.log").read_text()
-    assert record.snapshot.content == TEXT
-    assert caught_up is not None and caught_up.status == "running"
-    # Nothing any worker published contradicts the stored transcript...
-    assert watcher.recorded is not None
-    tokens = tokenize(TEXT)
-    token_messages = [p for event, p in watcher.recorded if event == "llm-token"]
-    for payload in token_messages:
-        offset = payload["offset"]
-        assert payload["tokens"] == tokens[offset : offset + len(payload["tokens"])]
-    # ...and the snapshot plus the live messages give exactly the transcript.
-    merged = StreamReassembly(
-        submitted.id,
-        next_offset=caught_up.snapshot.next_offset,
-        content=caught_up.snapshot.content,
-        reasoning=caught_up.snapshot.reasoning,
+    live = Watcher(
+        realtime_url=realtime.url + "/realtime/v1",
+        token=jwt.user_token(USER_A),
+        topic=f"llm-token:{session}",
+        private=True,
+        record=True,
+        rest_url=postgrest,
+        apikey=jwt.api_key("anon"),
+        gap_timeout_s=0.3,
     )
-    for event, payload in watcher.recorded:
-        merged.apply(parse_message(event, payload))
-    assert merged.complete and merged.checksums_match()
-    assert merged.text() == (TEXT, "")
-    assert "takeover" in [s.detail.get("reason") for s in merged.statuses]
-    # what the continuation asked the upstream: the partial answer, then "continue"
+    await live.start()
+    submitted = await repo.submit_as(USER_A, NewRequest(HELLO, session_id=session))
+    first = spawn("first")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while True:  # mid-stream, as the subscriber sees it
+                state = live.reassembly.streams.get(submitted.id)
+                if state is not None and state.next_offset >= 30:
+                    break
+                await asyncio.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+        second = spawn("second")
+        record = await wait_for(repo, submitted.id, lambda r: r.status != "running")
+        await live.wait_finished(timeout_s=WAIT_S)  # complete: any gap was caught up
+        # A client that joins after the end reads everything from the log.
+        async with subscriber(realtime, USER_A, session) as late:
+            late_rest = Watcher(
+                realtime_url=realtime.url + "/realtime/v1",
+                token=jwt.user_token(USER_A),
+                topic=f"llm-token:{session}",
+                private=True,
+                rest_url=postgrest,
+                apikey=jwt.api_key("anon"),
+            )
+            await late_rest.catch_up(submitted.id)
+            assert not late.reassembly.streams  # nothing live after the end
+    finally:
+        await live.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(proc.wait, 15)
+    assert (record.status, record.attempts) == ("done", 2), (tmp_path / "second.log").read_text()
+    stored = (record.snapshot.content, record.snapshot.reasoning)
+    # The heir's model continued in its own words (the test would be vacuous otherwise).
+    assert OWN_WORDS_PREFIX in stored[0] and stored[0] != TEXT
+    # Every token any worker broadcast is one token per offset: 0 conflicts...
+    assert live.recorded is not None
+    assert conflicting_offsets(live.recorded) == {}
+    # ...and the subscriber's text is exactly the stored transcript, no gap left.
+    state = live.reassembly.streams[submitted.id]
+    assert state.text() == stored and state.checksums_match() and state.held_messages == 0
+    assert "takeover" in [s.detail.get("reason") for s in state.statuses]
+    late_state = late_rest.reassembly.streams[submitted.id]
+    assert late_state.text() == stored
+    await late_rest.close()
+    # The row was compacted from the log: the log is the transcript, token by token,
+    # and holds every token that was broadcast.
+    log = await logged_chunks(database_url, submitted.id)
+    assert [offset for offset, _, _ in log] == list(range(record.snapshot.next_offset))
+    assert "".join(text for _, kind, text in log if kind == "content") == stored[0]
+    logged = {offset: text for offset, _, text in log}
+    for event, payload in live.recorded:
+        if event == "llm-token":
+            for i, token in enumerate(payload["tokens"]):
+                assert logged[payload["offset"] + i] == token
+    # What the continuation asked the upstream: the durable partial answer.
     continued = upstream.requests[-1]
-    assert continued.body["messages"][-2] == {
-        "role": "assistant",
-        "content": caught_up.snapshot.content,
-    }
+    assert continued.body["messages"][-2]["role"] == "assistant"
+    assert stored[0].startswith(continued.body["messages"][-2]["content"])

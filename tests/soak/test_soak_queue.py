@@ -1,9 +1,11 @@
 """The queue half of the short soak, through the real worker: `llm-relay run` processes
 (real runner) relay to the local Realtime server through the fault proxy, with ack
 faults, upstream 429s and resets; one worker is killed with SIGKILL while it streams,
-another takes over. Every request must end done with the stored transcript equal to
-the upstream's text, and every independent subscriber must have every stream exact
-(live, or by the client rule's snapshot catch-up after the takeover)."""
+another takes over. The upstream continues in its own words (as a real model does), so
+a continued or taken-over transcript differs from the upstream's text: every request
+must end done with its row equal to its write-ahead token log, and every independent
+subscriber (live messages plus catch-up reads of the log) must have exactly the stored
+transcript, with no offset ever broadcast with two different tokens and no gap left."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ async def test_kill_9_mid_run_loses_no_request_and_every_stream_is_exact(
     assert report.subscriber_not_exact == [], (report.subscriber_not_exact[:10], summary)
     assert report.done_exact == 40, summary
     assert report.subscriber_exact_live + report.subscriber_exact_after_catch_up == 40, summary
+    assert report.conflicting_offsets == 0 and report.gaps_left == 0, summary
+    # The own-words continuations really happened (after the kill and the resets).
+    assert report.continued_in_own_words > 0, summary
     # The chaos really happened: the kill hit streams in flight, another worker finished
     # them, the proxy cut connections, the server and the upstream injected faults.
     assert report.killed_exit_code == -9, summary

@@ -12,6 +12,8 @@ from devstack.stack import SIMULATED_API_KEY
 from worker.config import Settings
 from worker.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SIMULATOR = {
     "OPENAI_BASE_URL": "http://127.0.0.1:40001/v1",
     "OPENAI_API_KEY": SIMULATED_API_KEY,
@@ -55,9 +57,20 @@ def test_relay_provider_decides_over_the_first_configured() -> None:
     assert choose_upstream(both, SIMULATOR).env == {"RELAY_PROVIDER": "groq"}
 
 
-def test_relay_provider_naming_an_unconfigured_provider_is_refused() -> None:
-    with pytest.raises(ConfigError, match="RELAY_PROVIDER=groq but neither GROQ_API_KEY"):
-        choose_upstream(settings(RELAY_PROVIDER="groq"), SIMULATOR)
+def test_relay_provider_naming_an_unconfigured_provider_falls_back_and_says_why() -> None:
+    upstream = choose_upstream(settings(RELAY_PROVIDER="groq"), SIMULATOR)
+    assert upstream.env == SIMULATOR
+    assert "(RELAY_PROVIDER=groq has no GROQ_API_KEY or GROQ_BASE_URL)" in upstream.label
+
+
+def test_a_copy_of_env_example_configures_no_provider(tmp_path: Path) -> None:
+    # Every line present with its default: empty keys, the public URLs, RELAY_PROVIDER.
+    env_file = tmp_path / ".env"
+    env_file.write_text((ROOT / ".env.example").read_text())
+    copied = Settings(_env_file=env_file)
+    assert copied.openai_api_key is not None  # an empty key, read as such
+    assert not copied.provider_configured("openai") and not copied.provider_configured("groq")
+    assert choose_upstream(copied, SIMULATOR).env == SIMULATOR
 
 
 def test_leftover_devstack_lines_in_env_mean_this_stacks_simulator() -> None:

@@ -7,7 +7,10 @@ def test_every_block_the_repository_runs_is_defined() -> None:
     names = set(queries())
     expected = {"claim", "sweep", "heartbeat", "checkpoint", "cancel_requested", "finish"}
     assert (
-        expected | {"release", "get", "act_as_user", "create_session", "submit", "cancel"} == names
+        expected
+        | {"release", "get", "act_as_user", "create_session", "submit", "cancel"}
+        | {"append_chunks", "read_chunks", "prune_chunks"}
+        == names
     )
 
 

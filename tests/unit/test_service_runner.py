@@ -65,7 +65,7 @@ async def collect(events: AsyncIterator[UpstreamEvent], n: int) -> list[Upstream
     return out
 
 
-async def test_the_tap_passes_events_through_and_counts_them() -> None:
+async def test_the_tap_passes_events_through() -> None:
     ctx = context(Snapshot())
     tap = _Tap(ctx)
     events: list[UpstreamEvent] = [
@@ -75,7 +75,6 @@ async def test_the_tap_passes_events_through_and_counts_them() -> None:
     ]
     got = [e async for e in tap.events(Upstream(events).stream())]
     assert got == events
-    assert tap.snapshot() == Snapshot(content="Hi", reasoning="hm", next_offset=2, next_seq=3)
 
 
 async def test_a_takeover_is_announced_with_its_offset() -> None:
@@ -85,7 +84,7 @@ async def test_a_takeover_is_announced_with_its_offset() -> None:
     assert got[0] == Status(
         "resuming", {"reason": "takeover", "mode": "continue", "offset": 2, "seam": True}
     )
-    assert tap.snapshot().content == "abc" and tap.snapshot().next_offset == 3
+    assert got[1:] == [Token("content", "c")]
 
 
 async def test_a_cancel_closes_the_upstream_at_once_and_ends_the_stream() -> None:
@@ -122,4 +121,3 @@ async def test_a_shutdown_flushes_with_a_handover_status_and_sends_no_done() -> 
     assert not tail.done()  # nothing more: no llm-done; the runner stops the relay
     tail.cancel()
     await asyncio.gather(tail, return_exceptions=True)
-    assert tap.snapshot() == Snapshot(content="a", next_offset=1, next_seq=2)

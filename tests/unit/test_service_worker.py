@@ -420,3 +420,33 @@ async def test_a_starved_loop_makes_the_heartbeat_warn_before_leases_expire() ->
             await wait_until(lambda: any("heartbeat ran" in w for w in warnings))
     finally:
         logger.remove(sink)
+
+
+class FlakyFinishRepository(InMemoryJobRepository):
+    """`finish` fails `failures` times (a database away), then works."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.finish_calls = 0
+
+    async def finish(self, **kwargs: Any) -> None:
+        self.finish_calls += 1
+        if self.finish_calls <= self.failures:
+            raise QueueError("queue database unavailable: connection refused")
+        await super().finish(**kwargs)
+
+
+async def test_the_end_of_a_fully_relayed_stream_is_written_however_long_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13: the final write is never abandoned (it used to give up after 5 tries,
+    leaving the row running for another worker to generate the whole answer again)."""
+    monkeypatch.setattr("worker.jobs.chunklog.FINAL_RETRY_BASE_S", 0.001)
+    monkeypatch.setattr("worker.jobs.chunklog.FINAL_RETRY_CAP_S", 0.005)
+    repo = FlakyFinishRepository(failures=12)
+    job_id = repo.add(NewRequest(HELLO))
+    async with running(Worker(repo, ScriptedRunner(tokens=5, delay_s=0.001), fast_settings())):
+        await wait_until(finished(repo, job_id))
+    assert repo.rows[job_id].status == "done" and repo.finish_calls == 13
+    assert repo.rows[job_id].snapshot.content == scripted_text(0, 5)

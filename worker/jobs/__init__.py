@@ -4,6 +4,7 @@
 """
 
 from worker.jobs.models import (
+    Chunk,
     Job,
     JobRecord,
     JobStatus,
@@ -17,6 +18,7 @@ from worker.jobs.postgres import PostgresJobRepository
 from worker.jobs.repository import JobRepository
 
 __all__ = [
+    "Chunk",
     "Job",
     "JobRecord",
     "JobRepository",

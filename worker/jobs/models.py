@@ -29,6 +29,16 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """One token of the write-ahead log (`llm_request_chunks`)."""
+
+    job_id: str
+    offset: int
+    kind: str  # "content" | "reasoning"
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A claimed request, as the worker sees it (inputs are not validated yet)."""
 

@@ -14,6 +14,7 @@ from worker.errors import LeaseLost, QueueError
 from worker.jobs.driver import PsycopgDriver, wrap_exceptions
 from worker.jobs.models import (
     NOTIFY_CHANNEL,
+    Chunk,
     Job,
     JobRecord,
     JobStatus,
@@ -148,6 +149,35 @@ class PostgresJobRepository(JobRepository):
         if row is None:
             raise LeaseLost("lease lost before checkpoint", job_id=job_id)
         return bool(row["cancel_requested"])
+
+    async def append_chunks(self, *, worker: str, chunks: Sequence[Chunk]) -> set[tuple[str, int]]:
+        if not chunks:
+            return set()
+        rows = await self._driver.fetch_all(
+            query("append_chunks"),
+            {
+                "worker": worker,
+                "ids": sorted({c.job_id for c in chunks}),
+                "request_ids": [c.job_id for c in chunks],
+                "offsets": [c.offset for c in chunks],
+                "kinds": [c.kind for c in chunks],
+                "texts": [c.text for c in chunks],
+            },
+        )
+        return {(str(row["request_id"]), row["token_offset"]) for row in rows}
+
+    async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
+        rows = await self._driver.fetch_all(
+            query("read_chunks"), {"id": job_id, "from_offset": from_offset}
+        )
+        return [Chunk(job_id, row["token_offset"], row["kind"], row["text"]) for row in rows]
+
+    async def prune_chunks(self, *, retention_s: float) -> int:
+        async with self._driver.connection() as conn:
+            cursor = await conn.execute(
+                query("prune_chunks").encode(), {"retention_s": retention_s}
+            )
+            return cursor.rowcount
 
     async def cancel_requested(self, ids: Sequence[str]) -> set[str]:
         if not ids:

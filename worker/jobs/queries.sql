@@ -152,3 +152,44 @@ RETURNING id, session_id;
 
 -- name: cancel
 SELECT public.cancel_llm_request(%(id)s::uuid) AS status;
+
+-- name: append_chunks
+-- The write-ahead token log: every stream's new tokens in one statement (one commit
+-- per flush of the worker's writer, whatever the number of streams). Fenced by the
+-- lease: FOR KEY SHARE makes a concurrent claim (FOR UPDATE SKIP LOCKED) pass this
+-- row by until we commit, and after a claim committed the re-check of the WHERE
+-- clause on the newest row version finds another owner, so nothing is written.
+-- ON CONFLICT DO NOTHING: an offset, once written, is never replaced. The caller
+-- compares what came back with what it sent.
+WITH owned AS (
+  SELECT id
+  FROM public.llm_requests
+  WHERE id = ANY(%(ids)s::uuid[])
+    AND lease_owner = %(worker)s
+    AND status = 'running'
+  FOR KEY SHARE
+)
+INSERT INTO public.llm_request_chunks (request_id, token_offset, kind, text)
+SELECT u.request_id, u.token_offset, u.kind, u.text
+FROM unnest(%(request_ids)s::uuid[], %(offsets)s::integer[], %(kinds)s::text[],
+            %(texts)s::text[]) AS u(request_id, token_offset, kind, text)
+JOIN owned ON owned.id = u.request_id
+ON CONFLICT DO NOTHING
+RETURNING request_id, token_offset;
+
+-- name: read_chunks
+-- The log of one request from an offset on (the heir of a dead worker reads it).
+SELECT token_offset, kind, text
+FROM public.llm_request_chunks
+WHERE request_id = %(id)s
+  AND token_offset >= %(from_offset)s
+ORDER BY token_offset;
+
+-- name: prune_chunks
+-- Retention: the chunks of requests that ended long enough ago (their row holds the
+-- compacted transcript).
+DELETE FROM public.llm_request_chunks AS c
+USING public.llm_requests AS r
+WHERE c.request_id = r.id
+  AND r.status IN ('done', 'failed', 'cancelled')
+  AND r.finished_at < now() - make_interval(secs => %(retention_s)s);

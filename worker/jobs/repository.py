@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from worker.jobs.models import (
+    Chunk,
     Job,
     JobRecord,
     JobStatus,
@@ -61,6 +62,26 @@ class JobRepository(abc.ABC):
         Raises:
             LeaseLost: the lease is no longer `worker`'s.
         """
+
+    # --- the write-ahead token log (worker/jobs/chunklog.py is its one writer) ---
+
+    @abc.abstractmethod
+    async def append_chunks(self, *, worker: str, chunks: Sequence[Chunk]) -> set[tuple[str, int]]:
+        """Insert tokens of any number of requests in one statement, fenced by the
+        leases `worker` holds; an offset already written is never replaced.
+
+        Returns:
+            The (job id, offset) pairs written; a pair missing was not (lease lost, or
+            the offset was taken).
+        """
+
+    @abc.abstractmethod
+    async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
+        """The logged tokens of one request at and after `from_offset`, in order."""
+
+    @abc.abstractmethod
+    async def prune_chunks(self, *, retention_s: float) -> int:
+        """Delete the tokens of requests that ended more than `retention_s` ago."""
 
     @abc.abstractmethod
     async def cancel_requested(self, ids: Sequence[str]) -> set[str]:

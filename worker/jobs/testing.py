@@ -16,6 +16,7 @@ from typing import Any
 
 from worker.errors import LeaseLost, QueueError
 from worker.jobs.models import (
+    Chunk,
     Job,
     JobRecord,
     JobStatus,
@@ -48,6 +49,8 @@ class _Row:
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     checkpoints: int = 0
+    chunks: dict[int, Chunk] = field(default_factory=dict)
+    finished_at: float | None = None
 
 
 class InMemoryJobRepository(JobRepository):
@@ -192,6 +195,34 @@ class InMemoryJobRepository(JobRepository):
         row.checkpoints += 1
         return row.cancel_requested
 
+    async def append_chunks(self, *, worker: str, chunks: Sequence[Chunk]) -> set[tuple[str, int]]:
+        self._maybe_fail()
+        written: set[tuple[str, int]] = set()
+        for chunk in chunks:
+            row = self.rows.get(chunk.job_id)
+            if row is None or not self._held(row, worker) or chunk.offset in row.chunks:
+                continue
+            row.chunks[chunk.offset] = chunk
+            written.add((chunk.job_id, chunk.offset))
+        return written
+
+    async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
+        self._maybe_fail()
+        row = self.rows.get(job_id)
+        if row is None:
+            return []
+        return [row.chunks[o] for o in sorted(row.chunks) if o >= from_offset]
+
+    async def prune_chunks(self, *, retention_s: float) -> int:
+        self._maybe_fail()
+        pruned = 0
+        for row in self.rows.values():
+            ended = row.finished_at
+            if ended is not None and ended < self._clock() - retention_s:
+                pruned += len(row.chunks)
+                row.chunks.clear()
+        return pruned
+
     async def cancel_requested(self, ids: Sequence[str]) -> set[str]:
         self._maybe_fail()
         return {i for i in ids if i in self.rows and self.rows[i].cancel_requested}
@@ -205,6 +236,7 @@ class InMemoryJobRepository(JobRepository):
         row.usage = result.usage
         row.error = result.error
         row.lease_owner = row.lease_expires_at = None
+        row.finished_at = self._clock()
 
     async def release(
         self,

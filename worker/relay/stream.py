@@ -1,7 +1,13 @@
 """One stream's relay: the shell that pumps upstream events into the batcher and publisher.
 
-    events ──reader task──▶ bounded queue ──pump──▶ Batcher ──▶ StreamHandle (publisher)
-                                              └──▶ checkpoints (Snapshot) every interval
+    events ──reader task──▶ bounded queue ──pump──▶ Batcher ──▶ durable(batches) ──▶ StreamHandle
+
+Nothing is broadcast before it is durable: when the caller passes `durable` (the
+worker's write-ahead token log, worker/jobs/chunklog.py), each flush awaits it and only
+then hands the batches to the publisher. So whatever any subscriber may have seen is
+in the log, and a worker that dies leaves the log at or *ahead* of what was published,
+never behind: its heir continues from the last durable offset with any model, and a
+client that missed tokens reads them from the log.
 
 The pump waits for the next event or the batcher's deadline, whichever is first (the
 upstream iterator is read by its own task, so a timeout never cancels it mid-chunk).
@@ -12,32 +18,36 @@ Outcome, documented once:
   `llm-error`; the error is **returned** in `RelayResult.error`, not raised (the caller
   decides whether to retry the job). Any other exception also publishes `llm-error`
   (type `internal`) and is then re-raised.
+- A `Status("reset")` (a restarted generation) ⇒ `llm-error` with what was relayed:
+  contract v1 cannot make a client discard shown text, so the relay never splices.
 - The iterator ends without `Finished` ⇒ `llm-done` with `finish_reason` null.
 - The last messages are not acked within `relay_drain_timeout_s` ⇒ `RelayResult.error`
-  is a `PublishError` (the final snapshot is persisted anyway).
-- `on_checkpoint` raising, or cancellation ⇒ the exception propagates; nothing more
-  is published (another worker owns the stream, or the caller reports the cancel).
+  is a `PublishError`.
+- `durable` raising (e.g. `LeaseLost`), or cancellation ⇒ the exception propagates;
+  nothing more is published (another worker owns the stream, or the caller reports it).
 
 Offsets are stream-wide and continue from `start_offset`; a worker that takes over a
-crashed one passes the snapshot's `next_offset`, `next_seq` and texts, so `llm-done`'s
-checksums and every `Snapshot` cover the whole stream.
+crashed one passes the durable log's end, so `llm-done`'s checksums cover the whole
+stream. `transcript` (optional, the caller's) holds exactly what was published.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
 from worker.config import Settings
-from worker.errors import ConfigError, PublishError, RelayError
+from worker.errors import ConfigError, PublishError, RelayError, UpstreamError
 from worker.relay.batcher import Batch, Batcher
 from worker.relay.publisher import Publisher, StreamHandle
 from worker.relay.wire import EVENT_DONE, EVENT_ERROR, EVENT_STATUS, DoneMessage, text_checksum
+from worker.transcript import StreamTranscript
 from worker.upstream.events import (
     Finished,
     Refusal,
@@ -50,16 +60,11 @@ from worker.upstream.events import (
 PACING_REFRESH_S = 0.1  # how often a stream re-reads its fair share of the budget
 READ_AHEAD = 1024  # upstream events buffered between the reader and the pump
 
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What a checkpoint persists: the text so far and where the stream continues."""
-
-    content: str
-    reasoning: str
-    next_offset: int
-    next_seq: int
-    final: bool = False
+# Awaited with each flush before the batches are broadcast; raising stops the relay.
+Durable = Callable[[Sequence[Batch]], Awaitable[None]]
+# When the relay ends early (a handover cancels it), how long writes in flight may
+# take to land and be handed to the publisher.
+STOP_WRITE_WAIT_S = 1.0
 
 
 @dataclass
@@ -109,6 +114,16 @@ async def _read(events: AsyncIterator[UpstreamEvent], queue: asyncio.Queue[_Queu
         await queue.put(_End())
 
 
+def _refused_reset(event: Status) -> UpstreamError:
+    return UpstreamError(
+        "the upstream restarted a generation after tokens were relayed; the stream "
+        "ends here instead of splicing two generations",
+        type="server_error",
+        provider=str(event.detail.get("provider", "")),
+        retryable=False,
+    )
+
+
 class _Pump:
     """State of one relay; `relay_stream` drives it."""
 
@@ -116,74 +131,104 @@ class _Pump:
         self,
         handle: StreamHandle,
         settings: Settings,
-        start_offset: int,
-        start_content: str,
-        start_reasoning: str,
+        transcript: StreamTranscript,
+        durable: Durable | None,
     ) -> None:
         self.handle = handle
         self.settings = settings
         self.batcher = Batcher(
             settings.relay_batch_size,
             settings.relay_max_batch_delay_ms / 1000,
-            start_offset=start_offset,
+            start_offset=transcript.next_offset,
             max_batch_bytes=settings.relay_max_message_bytes,
         )
-        self.content: list[str] = [start_content] if start_content else []
-        self.reasoning: list[str] = [start_reasoning] if start_reasoning else []
+        # Exactly what was published (durable first): tokens are added at publication.
+        self.transcript = transcript
+        self.durable = durable
+        self._writes: deque[tuple[asyncio.Future[None], list[Batch]]] = deque()
+        self.failure: BaseException | None = None
+        self.stopped = False  # after an early end or a failed write: nothing more goes out
         self.result = RelayResult()
-        self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.refusal: list[str] = []
         self.pacing_at = float("-inf")
 
-    def text(self) -> tuple[str, str]:
-        content, reasoning = "".join(self.content), "".join(self.reasoning)
-        self.content, self.reasoning = [content], [reasoning]
-        return content, reasoning
+    def publish(self, batches: list[Batch]) -> None:
+        """Start making `batches` durable; they are handed to the publisher, in order,
+        as their writes land. The pump goes on meanwhile: a stream's throughput does
+        not depend on the commit latency (the writer group-commits whatever is
+        pending), only its latency does, by one commit."""
+        if not batches:
+            return
+        if self.durable is None:
+            self._hand_over(batches)
+            return
+        write = asyncio.ensure_future(self.durable(batches))
+        self._writes.append((write, batches))
+        write.add_done_callback(self._written)
 
-    def snapshot(self, final: bool = False) -> Snapshot:
-        content, reasoning = self.text()
-        return Snapshot(
-            content,
-            reasoning,
-            self.batcher.next_offset,
-            self.handle.next_seq + self.handle.unsent,
-            final,
-        )
+    def _written(self, _: object = None) -> None:
+        while self._writes and self._writes[0][0].done() and not self.stopped:
+            write, batches = self._writes.popleft()
+            error = asyncio.CancelledError() if write.cancelled() else write.exception()
+            if error is not None:
+                # Nothing after a failed write goes out: the order is the offsets'.
+                self.failure = self.failure or error
+                self.stopped = True
+                return
+            self._hand_over(batches)
 
-    def send(self, batches: list[Batch]) -> None:
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def settle(self) -> None:
+        """Wait until every batch is durable and handed over; raise a failed write."""
+        if self._writes:
+            await asyncio.wait([write for write, _ in self._writes])
+            self._written()
+        self.raise_failure()
+
+    async def stop(self, wait_s: float) -> None:
+        """The relay ends early: hand over what lands within `wait_s`, drop the rest
+        (never broadcast; if a write lands later it is durable, and the heir, which
+        starts from the log, and the subscribers' catch-up reads still agree)."""
+        if self._writes and not self.stopped:
+            await asyncio.wait([write for write, _ in self._writes], timeout=wait_s)
+            self._written()
+        self.stopped = True
+        for write, _ in self._writes:
+            write.cancel()
+        self._writes.clear()
+
+    def _hand_over(self, batches: list[Batch]) -> None:
+        t = self.transcript
         for batch in batches:
             self.result.batches += 1
+            for text in batch.tokens:
+                t.add_token(batch.kind, text)
+            if batch.kind == "content":
+                self.result.content_tokens += len(batch.tokens)
+            else:
+                self.result.reasoning_tokens += len(batch.tokens)
             self.handle.send_tokens(batch)
+        t.next_seq = self.handle.next_seq + self.handle.unsent
 
-    def on_token(self, token: Token, now: float) -> None:
-        (self.content if token.kind == "content" else self.reasoning).append(token.text)
-        if token.kind == "content":
-            self.result.content_tokens += 1
-        else:
-            self.result.reasoning_tokens += 1
+    def on_token(self, token: Token, now: float) -> list[Batch]:
         self.handle.note_activity(now)
         if self.settings.relay_adaptive_batching and now - self.pacing_at >= PACING_REFRESH_S:
             self.pacing_at = now
             self.batcher.set_min_interval(self.handle.min_interval_s(now))
-        self.send(self.batcher.feed(token, now))
+        return self.batcher.feed(token, now)
 
-    def on_event(self, event: UpstreamEvent, now: float) -> bool:
-        """Handle one non-token event; True when the stream is finished."""
-        if isinstance(event, ToolCallDelta):
-            call = self.tool_calls.setdefault(
-                event.index, {"index": event.index, "id": None, "name": None, "arguments": ""}
-            )
-            call["id"] = event.id or call["id"]
-            call["name"] = event.name or call["name"]
-            call["arguments"] += event.arguments
+    def on_event(self, event: UpstreamEvent) -> bool:
+        """Account for one non-token event (after the flush of the tokens before it);
+        True when the stream is finished."""
+        if isinstance(event, ToolCallDelta | Refusal):
+            self.transcript.feed(event)  # they go out in llm-done
             return False
-        if isinstance(event, Refusal):
-            self.refusal.append(event.text)
-            return False
-        self.send(self.batcher.flush(now))  # tokens before the event that follows them
         if isinstance(event, Status):
             self.result.statuses += 1
             self.handle.send_event(EVENT_STATUS, {"status": event.kind, "detail": event.detail})
+            self.transcript.next_seq = self.handle.next_seq + self.handle.unsent
             return False
         assert isinstance(event, Finished)
         self.result.finish_reason = event.finish_reason
@@ -192,18 +237,18 @@ class _Pump:
         return True
 
     def send_done(self) -> None:
-        content, reasoning = self.text()
+        t = self.transcript
         done = DoneMessage(
             stream=self.handle.stream_id,
             seq=-1,  # fixed by the publisher at first transmission
-            total_tokens=self.batcher.next_offset,
+            total_tokens=t.next_offset,
             finish_reason=self.result.finish_reason,
-            content_sha256=text_checksum(content),
-            reasoning_sha256=text_checksum(reasoning),
+            content_sha256=text_checksum(t.content),
+            reasoning_sha256=text_checksum(t.reasoning),
             usage=self.result.usage,
             usage_estimated=self.result.usage_estimated,
-            tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)],
-            refusal="".join(self.refusal) or None,
+            tool_calls=t.tool_call_dicts(),
+            refusal=t.refusal,
         )
         fields = done.to_payload()
         for key in ("v", "stream", "seq"):
@@ -211,7 +256,7 @@ class _Pump:
         self.handle.send_event(EVENT_DONE, fields)
 
     def send_error(self, exc: BaseException) -> None:
-        self.send(self.batcher.flush(0.0))
+        """`llm-error` after the pending tokens were published (see `publish`)."""
         if isinstance(exc, RelayError):
             err_type = str(getattr(exc, "type", type(exc).__name__))
             message, retryable = exc.message, exc.retryable
@@ -223,19 +268,19 @@ class _Pump:
                 "type": err_type,
                 "message": message,
                 "retryable": retryable,
-                "tokens_relayed": self.batcher.next_offset,
+                "tokens_relayed": self.transcript.next_offset,
             },
         )
 
     def finish(self) -> RelayResult:
-        content, reasoning = self.text()
+        t = self.transcript
         stats = self.handle.stats
         r = self.result
-        r.content, r.reasoning, r.next_offset = content, reasoning, self.batcher.next_offset
+        r.content, r.reasoning, r.next_offset = t.content, t.reasoning, t.next_offset
         r.messages, r.retries, r.fallbacks = stats.messages, stats.retries, stats.fallbacks
         r.parked, r.rest_messages = stats.parked, stats.rest_messages
-        r.refusal = "".join(self.refusal) or None
-        r.tool_calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        r.refusal = t.refusal
+        r.tool_calls = t.tool_call_dicts()
         return r
 
 
@@ -263,9 +308,10 @@ async def relay_stream(
     settings: Settings,
     start_offset: int = 0,
     start_seq: int = 0,
-    on_checkpoint: Callable[[Snapshot], Awaitable[None]] | None = None,
     start_content: str = "",
     start_reasoning: str = "",
+    durable: Durable | None = None,
+    transcript: StreamTranscript | None = None,
 ) -> RelayResult:
     """Relay one upstream stream to `topic` (sub-topic, e.g. `llm-token:<session>`).
 
@@ -273,48 +319,70 @@ async def relay_stream(
         events: the upstream events (tokens, status, finished); may raise RelayError.
         publisher: a started `Publisher`.
         topic, stream_id: where to publish, and the `stream` field of every payload.
-        settings: batching, delays, checkpoint interval, drain timeout.
+        settings: batching, delays, drain timeout.
         start_offset, start_seq, start_content, start_reasoning: where a takeover
-            continues (a previous `Snapshot`); zero / empty for a new stream.
-        on_checkpoint: persists a `Snapshot` about every `relay_checkpoint_interval_s`
-            (one at a time; skipped while the previous one runs) and once at the end
-            (`final=True`, awaited before the last acks are awaited).
+            continues (the durable log's end); zero / empty for a new stream. Ignored
+            when `transcript` is given (it carries them).
+        durable: awaited with each flush before the batches are broadcast (the
+            write-ahead log); None publishes at once (no queue: `llm-relay once`).
+        transcript: the caller's `StreamTranscript`, fed with what is published.
 
     Returns:
         The `RelayResult`; upstream and drain errors are in `.error` (see module doc).
 
     Raises:
-        Whatever `on_checkpoint` raises; CancelledError; non-RelayError exceptions of
-        the iterator (after publishing `llm-error`).
+        Whatever `durable` raises; CancelledError; non-RelayError exceptions of the
+        iterator (after publishing `llm-error`).
     """
     check_relay_settings(settings)
-    handle = publisher.stream(topic, stream_id, start_seq=start_seq)
-    pump = _Pump(handle, settings, start_offset, start_content, start_reasoning)
+    if transcript is None:
+        transcript = StreamTranscript.resume(
+            content=start_content, reasoning=start_reasoning, next_offset=start_offset
+        )
+        transcript.next_seq = start_seq
+    start_offset = transcript.next_offset
+    handle = publisher.stream(topic, stream_id, start_seq=transcript.next_seq)
+    pump = _Pump(handle, settings, transcript, durable)
     log = logger.bind(event="relay.stream", stream=stream_id, topic=topic)
     log.info("relay started at offset {}", start_offset)
     queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=READ_AHEAD)
     reader = asyncio.create_task(_read(events, queue), name=f"relay-read:{stream_id}")
-    checkpoints = _Checkpoints(on_checkpoint, settings.relay_checkpoint_interval_s)
     loop = asyncio.get_running_loop()
     raised: BaseException | None = None
     try:
         while True:
             now = loop.time()
-            checkpoints.maybe_start(pump, now)
-            item = await _next(queue, _earliest(pump.batcher.deadline(), checkpoints.due), now)
+            item = await _next(queue, pump.batcher.deadline(), now)
             now = loop.time()
+            pump.raise_failure()  # a failed write stops the relay (e.g. LeaseLost)
             if isinstance(item, Token):
-                pump.on_token(item, now)
+                pump.publish(pump.on_token(item, now))
             elif isinstance(item, _Raised):
                 raised = item.exc
+                pump.publish(pump.batcher.flush(now))
+                await pump.settle()
                 pump.send_error(item.exc)
                 break
-            elif isinstance(item, _End) or (item is not None and pump.on_event(item, now)):
-                pump.send(pump.batcher.flush(now))
+            elif isinstance(item, _End):
+                pump.publish(pump.batcher.flush(now))
+                await pump.settle()
                 pump.send_done()
                 break
-            pump.send(pump.batcher.poll(now))
-        await checkpoints.final(pump)
+            elif item is not None:
+                if not isinstance(item, ToolCallDelta | Refusal):
+                    pump.publish(pump.batcher.flush(now))  # tokens before the event
+                    await pump.settle()  # ...are out before it
+                if isinstance(item, Status) and item.kind == "reset":
+                    raised = _refused_reset(item)
+                    log.warning("refused a restart after {} tokens", transcript.next_offset)
+                    pump.send_error(raised)
+                    break
+                if pump.on_event(item):
+                    pump.publish(pump.batcher.flush(now))
+                    await pump.settle()
+                    pump.send_done()
+                    break
+            pump.publish(pump.batcher.poll(now))
         try:
             await handle.drain(settings.relay_drain_timeout_s)
         except PublishError as exc:
@@ -324,7 +392,7 @@ async def relay_stream(
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
-        checkpoints.cancel()
+        await pump.stop(STOP_WRITE_WAIT_S)
         handle.close()
     result = pump.finish()
     if raised is not None:
@@ -362,44 +430,3 @@ async def _next(
             return await queue.get()
     except TimeoutError:
         return None
-
-
-class _Checkpoints:
-    """Periodic snapshots, one at a time; a failure surfaces on the next tick."""
-
-    def __init__(
-        self, callback: Callable[[Snapshot], Awaitable[None]] | None, interval_s: float
-    ) -> None:
-        self.callback = callback
-        self.interval_s = interval_s
-        self.task: asyncio.Task[None] | None = None
-        self.due: float | None = None
-
-    def maybe_start(self, pump: _Pump, now: float) -> None:
-        if self.callback is None:
-            return
-        if self.task is not None and self.task.done():
-            self.task.result()  # re-raises a failed checkpoint
-            self.task = None
-        if self.due is None:
-            self.due = now + self.interval_s
-        if now >= self.due:
-            self.due = now + self.interval_s  # a slow checkpoint skips a beat, never queues
-            if self.task is None:
-                self.task = asyncio.create_task(self._run(pump.snapshot()))
-
-    async def _run(self, snapshot: Snapshot) -> None:
-        assert self.callback is not None
-        await self.callback(snapshot)
-
-    async def final(self, pump: _Pump) -> None:
-        if self.callback is None:
-            return
-        if self.task is not None:
-            await self.task
-            self.task = None
-        await self.callback(pump.snapshot(final=True))
-
-    def cancel(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()

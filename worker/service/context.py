@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from worker.errors import BadInputError, PublishError, QueueError, RelayError, UpstreamError
+from worker.jobs.chunklog import ChunkLog
 from worker.jobs.models import Job, Snapshot
 from worker.upstream.events import GenerationRequest
 
@@ -77,6 +78,11 @@ class StreamContext:
         self.abort_reason: AbortReason | None = None
         self.stop_within_s: float = CANCEL_STOP_S
         self._writer: Callable[[], Awaitable[None]] | None = None
+        self._progress: Callable[[], Snapshot] | None = None
+        # The worker's write-ahead token log (None: RELAY_WAL off, or no queue). A
+        # runner that uses it makes every batch durable before broadcasting it; the
+        # worker then writes the row only at the end (the log is the checkpoint).
+        self.chunk_log: ChunkLog | None = None
 
     @property
     def stream_id(self) -> str:
@@ -93,11 +99,24 @@ class StreamContext:
 
     @property
     def resumed(self) -> bool:
-        return self.job.resumed
+        return self.job.resumed or self.start.next_offset > 0 or self.start.next_seq > 0
 
     @property
     def latest(self) -> Snapshot:
+        if self._progress is not None:
+            return self._progress()
         return self._latest
+
+    @property
+    def logged(self) -> bool:
+        """The runner writes the token log and reports by `track()`: the log is the
+        checkpoint, the row is written at the end only."""
+        return self.chunk_log is not None and self._progress is not None
+
+    def track(self, progress: Callable[[], Snapshot]) -> None:
+        """Report progress by a function the worker calls when it needs the snapshot
+        (the runner's transcript of what was published), instead of `record()`."""
+        self._progress = progress
 
     def record(self, snapshot: Snapshot) -> None:
         """Report progress: the text and offsets of everything published so far."""

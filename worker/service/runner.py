@@ -1,49 +1,53 @@
-"""The real stream runner: upstream client -> relay_stream -> publisher.
+"""The real stream runner: upstream client -> relay_stream (durable first) -> publisher.
 
 One `RelayRunner` per worker process: one `Publisher` (one Realtime socket, the
 messages/s budget shared by every stream) and one `UpstreamClient` (one HTTP pool,
 the circuit breakers). Per request:
 
 - A new stream relays `ctx.request` from offset 0.
+- Nothing is broadcast before it is durable: each flush of the relay is written to
+  the worker's token log (`ctx.chunk_log`, group-committed with every other stream)
+  and only then handed to the publisher. One `StreamTranscript` holds exactly what
+  was published; the worker reads it (`ctx.track`) for the final row.
 - A taken-over stream (a worker died, or drained and released it) continues from
-  the stored snapshot: offsets, message numbers and texts carry on, and the model
-  is asked to continue the partial answer (the upstream client's `continue`
-  recovery: the partial text as an assistant turn plus RELAY_CONTINUE_PROMPT),
-  announced to the client with `llm-status` resuming (`reason: takeover`, `offset`).
-  A model that continues exactly (the devstack's simulated upstream does) gives the
-  client exactly the stored transcript, even for tokens the dead worker published
-  after its last checkpoint. A real model may word the seam differently: the row's
-  snapshot is then the authority (see the README's frontend notes).
-- Checkpoints: relay_stream calls `on_checkpoint` about once a second and at the
-  end; we hand each snapshot to the worker, which writes it (fenced by the lease).
+  `ctx.start`, which the worker rebuilt from the log: exactly the last durable
+  offset, so whatever any subscriber may have seen is the stored text, whichever
+  words the model chooses next. The model is asked to continue the partial answer
+  (the partial text as an assistant turn plus RELAY_CONTINUE_PROMPT), announced with
+  `llm-status` resuming (`reason: takeover`, `offset`, `seam: true`). A stream that
+  relayed only reasoning cannot be continued that way (the request would be asked
+  again and its reasoning restarted after what was shown): it ends with `llm-error`
+  carrying what was relayed, never a splice.
 - Aborts: a tap between the upstream and the relay watches `ctx.aborted`.
   `cancelled`: the upstream is closed at once, then `llm-status` cancelled and
   `llm-done` (finish_reason `cancelled`) go out. `shutdown`: the upstream is closed,
   `llm-status` resuming (`reason: handover`) flushes the batcher, and the relay is
-  stopped; the snapshot is exactly what was handed to the publisher (which still
-  delivers it), so the next worker continues at the right offset. `lease_lost`:
-  the relay is stopped at once; the new owner publishes from now on.
+  stopped; the released snapshot is the transcript of what was published (never
+  what still sat in the relay's queue), so the next worker starts where subscribers
+  are. `lease_lost`: the relay is stopped at once; the new owner publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from loguru import logger
 
 from worker.config import Settings
-from worker.errors import PublishError, UpstreamError
-from worker.jobs.models import Job, Snapshot
+from worker.errors import LeaseLost, PublishError, UpstreamError
+from worker.jobs.chunklog import ChunkLog
+from worker.jobs.models import Chunk, Job, Snapshot
+from worker.relay.batcher import Batch
 from worker.relay.publisher import Publisher
-from worker.relay.stream import RelayResult, check_relay_settings, relay_stream
-from worker.relay.stream import Snapshot as RelaySnapshot
+from worker.relay.stream import Durable, RelayResult, check_relay_settings, relay_stream
 from worker.relay.wire import EVENT_ERROR
 from worker.service.context import Outcome, StreamContext, error_info
+from worker.transcript import StreamTranscript
 from worker.upstream.client import UpstreamClient
-from worker.upstream.events import Finished, GenerationRequest, Status, Token, UpstreamEvent
+from worker.upstream.events import Finished, GenerationRequest, Status, UpstreamEvent
 
 # After a handover status, how long the relay may take to hand its last batch to the
 # publisher before it is stopped (it only has to drain an in-memory queue).
@@ -75,48 +79,52 @@ def continuation(ctx: StreamContext, continue_prompt: str) -> GenerationRequest:
     )
 
 
+def snapshot_of(transcript: StreamTranscript) -> Snapshot:
+    return Snapshot(
+        transcript.content, transcript.reasoning, transcript.next_offset, transcript.next_seq
+    )
+
+
+def chunks_of(job_id: str, batches: Sequence[Batch]) -> list[Chunk]:
+    return [
+        Chunk(job_id, batch.offset + i, batch.kind, text)
+        for batch in batches
+        for i, text in enumerate(batch.tokens)
+    ]
+
+
+def durable_writer(chunk_log: ChunkLog, ctx: StreamContext) -> Durable:
+    """The relay's `durable` hook: the batches' tokens in the log, fenced by the lease."""
+    job_id = ctx.stream_id
+
+    async def durable(batches: Sequence[Batch]) -> None:
+        try:
+            await chunk_log.append(job_id, chunks_of(job_id, batches))
+        except LeaseLost:
+            ctx.abort("lease_lost")
+            raise
+
+    return durable
+
+
 class _Tap:
-    """Between the upstream and the relay: counts what the relay was given, and stops
-    the upstream the moment the worker aborts."""
+    """Between the upstream and the relay: announces a takeover, and stops the
+    upstream the moment the worker aborts."""
 
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
-        self.content = [ctx.start.content]
-        self.reasoning = [ctx.start.reasoning]
-        self.next_offset = ctx.start.next_offset
-        self.events_given = 0  # upper bound of the messages they can become
-        self.seq_seen = ctx.start.next_seq
-
-    def snapshot(self) -> Snapshot:
-        """Everything handed to the relay (after a flush: to the publisher)."""
-        return Snapshot(
-            content="".join(self.content),
-            reasoning="".join(self.reasoning),
-            next_offset=self.next_offset,
-            # Never reuse a number the relay may have sent: one message at most per event.
-            next_seq=self.seq_seen + self.events_given,
-        )
-
-    def _given(self, event: UpstreamEvent) -> UpstreamEvent:
-        self.events_given += 1
-        if isinstance(event, Token):
-            (self.content if event.kind == "content" else self.reasoning).append(event.text)
-            self.next_offset += 1
-        return event
 
     async def events(self, upstream: AsyncIterator[UpstreamEvent]) -> AsyncIterator[UpstreamEvent]:
         ctx = self.ctx
         if ctx.resumed:
-            yield self._given(
-                Status(
-                    "resuming",
-                    {
-                        "reason": "takeover",
-                        "mode": "continue" if ctx.start.content else "restart",
-                        "offset": ctx.start.next_offset,
-                        "seam": True,
-                    },
-                )
+            yield Status(
+                "resuming",
+                {
+                    "reason": "takeover",
+                    "mode": "continue" if ctx.start.content else "restart",
+                    "offset": ctx.start.next_offset,
+                    "seam": True,
+                },
             )
         aborted = asyncio.ensure_future(ctx.aborted.wait())
         step: asyncio.Future[UpstreamEvent] | None = None
@@ -130,7 +138,7 @@ class _Tap:
                     event = step.result()
                 except StopAsyncIteration:
                     return
-                yield self._given(event)
+                yield event
         finally:
             # Closing the upstream here is what aborts the HTTP request (within 1 s).
             aborted.cancel()
@@ -145,11 +153,11 @@ class _Tap:
 
     async def _after_abort(self) -> AsyncIterator[UpstreamEvent]:
         if self.ctx.abort_reason == "cancelled":
-            yield self._given(Status("cancelled", {"reason": "requested by the owner"}))
-            yield self._given(Finished(finish_reason="cancelled"))
+            yield Status("cancelled", {"reason": "requested by the owner"})
+            yield Finished(finish_reason="cancelled")
             return
         if self.ctx.abort_reason == "shutdown":
-            yield self._given(Status("resuming", {"reason": "handover", "seam": False}))
+            yield Status("resuming", {"reason": "handover", "seam": False})
         await asyncio.Event().wait()  # the runner stops the relay
 
 
@@ -185,18 +193,18 @@ class RelayRunner:
         return self.publisher.behind
 
     async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
+        start = ctx.start
+        transcript = StreamTranscript.resume(
+            content=start.content,
+            reasoning=start.reasoning,
+            next_offset=start.next_offset,
+            next_seq=start.next_seq,
+        )
+        ctx.track(lambda: snapshot_of(transcript))
+        if ctx.resumed and start.reasoning and not start.content:
+            return await self._cannot_continue(job, ctx, transcript)
+        durable = None if ctx.chunk_log is None else durable_writer(ctx.chunk_log, ctx)
         tap = _Tap(ctx)
-        final: list[Snapshot] = []
-
-        async def on_checkpoint(snapshot: RelaySnapshot) -> None:
-            tap.seq_seen = max(tap.seq_seen, snapshot.next_seq)
-            ours = Snapshot(
-                snapshot.content, snapshot.reasoning, snapshot.next_offset, snapshot.next_seq
-            )
-            if snapshot.final:
-                final.append(ours)
-            await ctx.checkpoint(ours)
-
         request = continuation(ctx, self.settings.relay_continue_prompt)
         relay = asyncio.create_task(
             relay_stream(
@@ -205,16 +213,13 @@ class RelayRunner:
                 topic=ctx.topic,
                 stream_id=ctx.stream_id,
                 settings=self.settings,
-                start_offset=ctx.start.next_offset,
-                start_seq=ctx.start.next_seq,
-                start_content=ctx.start.content,
-                start_reasoning=ctx.start.reasoning,
-                on_checkpoint=on_checkpoint,
+                durable=durable,
+                transcript=transcript,
             ),
             name=f"relay-{job.id}",
         )
         try:
-            return await self._outcome(relay, tap, ctx, final)
+            return await self._outcome(relay, transcript, ctx)
         finally:
             if not relay.done():
                 relay.cancel()
@@ -222,11 +227,7 @@ class RelayRunner:
                     await relay
 
     async def _outcome(
-        self,
-        relay: asyncio.Task[RelayResult],
-        tap: _Tap,
-        ctx: StreamContext,
-        final: list[Snapshot],
+        self, relay: asyncio.Task[RelayResult], transcript: StreamTranscript, ctx: StreamContext
     ) -> Outcome:
         aborted = asyncio.ensure_future(ctx.aborted.wait())
         try:
@@ -237,12 +238,38 @@ class RelayRunner:
             if ctx.abort_reason == "shutdown":
                 await asyncio.wait({relay}, timeout=HANDOVER_FLUSH_S)
             relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
                 await relay
-            return Outcome("interrupted", tap.snapshot())
+            # Exactly what was published: the next worker starts where subscribers are.
+            return Outcome("interrupted", snapshot_of(transcript))
         result = await relay  # cancelled: the tap ends the stream with llm-done
-        snapshot = final[-1] if final else tap.snapshot()
-        return self._from_result(result, snapshot, ctx)
+        return self._from_result(result, snapshot_of(transcript), ctx)
+
+    async def _cannot_continue(
+        self, job: Job, ctx: StreamContext, transcript: StreamTranscript
+    ) -> Outcome:
+        """A takeover of a stream that relayed only reasoning: an honest end."""
+        message = (
+            "the stream was interrupted after relaying only reasoning; it cannot be "
+            "continued without restarting what was shown"
+        )
+        handle = self.publisher.stream(ctx.topic, ctx.stream_id, start_seq=transcript.next_seq)
+        try:
+            handle.send_event(
+                EVENT_ERROR,
+                {
+                    "type": "interrupted",
+                    "message": message,
+                    "retryable": False,
+                    "tokens_relayed": transcript.next_offset,
+                },
+            )
+            with contextlib.suppress(PublishError):
+                await handle.drain(self.settings.relay_drain_timeout_s)
+        finally:
+            handle.close()
+        error = {"type": "interrupted", "message": message, "retryable": False}
+        return Outcome("failed", snapshot_of(transcript), error=error, retry=False)
 
     @staticmethod
     def _from_result(result: RelayResult, snapshot: Snapshot, ctx: StreamContext) -> Outcome:

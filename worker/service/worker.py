@@ -29,6 +29,7 @@ from loguru import logger
 
 from worker.config import Settings
 from worker.errors import BadInputError, LeaseLost, QueueError
+from worker.jobs.chunklog import ChunkLog, write_final
 from worker.jobs.models import Job, Notification, Result, Snapshot
 from worker.jobs.repository import JobRepository
 from worker.service.context import (
@@ -47,8 +48,6 @@ SideTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 
 # Part of the grace period kept for stopping and releasing unfinished streams.
 STOP_MARGIN_S = 2.0
-# Retries of a final write (finish / release) when the database hiccups.
-SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
 CLAIM_LOOP_STOP_TIMEOUT_S = 5.0
 
 
@@ -112,6 +111,13 @@ class Worker:
         self._crashed: BaseException | None = None
         self._last_sweep = float("-inf")
         self._log = logger.bind(event="worker", worker=self.worker_id)
+        # The one writer of durable stream state: the token log (every stream's
+        # batches, group-committed) and, through `_write_final`, the end rows.
+        self.chunk_log: ChunkLog | None = None
+        if settings.relay_wal:
+            self.chunk_log = ChunkLog(
+                repository, self.worker_id, retention_s=settings.relay_chunk_retention_s
+            )
 
     # --- public surface ---
 
@@ -168,6 +174,7 @@ class Worker:
             ("lease-heartbeat", self._heartbeat_loop),
             ("checkpointer", self._checkpoint_loop),
             ("listen", self._listen),
+            *([("token-log", self.chunk_log.run)] if self.chunk_log is not None else []),
             *self._extra_side_tasks,
         ]
         return {asyncio.create_task(factory(), name=name): name for name, factory in tasks}
@@ -262,6 +269,7 @@ class Worker:
             active.task = asyncio.create_task(self._reject(job, exc), name=f"reject-{job.id}")
         else:
             ctx = StreamContext(job, request, topic=self._settings.topic_for(job.session_id))
+            ctx.chunk_log = self.chunk_log
             active = _Active(job, ctx, saved=job.snapshot)
             ctx.set_writer(lambda: self._checkpoint_now(active))
             active.task = asyncio.create_task(self._process(active), name=f"stream-{job.id}")
@@ -293,6 +301,17 @@ class Worker:
         job, ctx = active.job, active.ctx
         assert ctx is not None
         log = self._log.bind(event="job", job=job.id, session=job.session_id)
+        if self.chunk_log is not None:
+            try:
+                # The heir starts at exactly the last durable offset (row + log tail).
+                ctx.start = await self.chunk_log.recover(job)
+                ctx.record(ctx.start)
+            except QueueError as exc:
+                self.metrics.queue_errors.inc()
+                active.settling = True
+                outcome = Outcome("failed", job.snapshot, error=error_info(exc))
+                await _complete(self._settle(job, ctx, outcome))
+                return
         log.info(
             "stream start (attempt {}, from offset {}{})",
             job.attempts,
@@ -376,23 +395,29 @@ class Worker:
         self, job: Job, label: str, write: Callable[[], Awaitable[None]]
     ) -> None:
         log = self._log.bind(event="job", job=job.id)
-        for delay in (*SETTLE_RETRY_DELAYS_S, None):
-            try:
-                await write()
-            except LeaseLost:
-                self.metrics.leases_lost.inc()
-                log.warning("lease lost before the final write ({}); its new owner decides", label)
-                return
-            except QueueError as exc:
-                self.metrics.queue_errors.inc()
-                if delay is None or not exc.retryable:
-                    log.error("final write ({}) failed: {}; the lease will expire", label, exc)
-                    return
-                await asyncio.sleep(delay)
-                continue
-            self.metrics.finished.labels(outcome=label).inc()
-            log.info("stream {}", label)
+
+        def on_failure(exc: QueueError, attempt: int) -> None:
+            self.metrics.queue_errors.inc()
+            if attempt == 1:
+                log.warning("final write ({}) failed, retrying: {}", label, exc.message)
+
+        # A stream relayed to its end is kept until its end is written (callers shield
+        # this): abandoning it would let another worker generate the answer again.
+        keep_trying = label in ("done", "cancelled")
+        try:
+            landed = await write_final(write, keep_trying=keep_trying, on_failure=on_failure)
+        except LeaseLost:
+            self.metrics.leases_lost.inc()
+            log.warning("lease lost before the final write ({}); its new owner decides", label)
             return
+        except QueueError as exc:
+            log.error("final write ({}) failed: {}; the lease will expire", label, exc)
+            return
+        if not landed:
+            log.error("final write ({}) gave up; the lease will expire", label)
+            return
+        self.metrics.finished.labels(outcome=label).inc()
+        log.info("stream {}", label)
 
     # --- side tasks ---
 
@@ -463,7 +488,8 @@ class Worker:
         for job_id, active in list(self._active.items()):
             if active.ctx is None or active.settling:
                 continue
-            if active.ctx.latest == active.saved:
+            if active.ctx.logged or active.ctx.latest == active.saved:
+                # Logged streams: the token log is the checkpoint; only poll the cancel.
                 unchanged.append(job_id)
                 continue
             try:

@@ -8,22 +8,29 @@ Layers, outermost first:
      usage estimate. Honest: the client keeps exactly what it has seen, marked
      incomplete; nothing is invented and nothing is paid twice. The job layer
      may still re-run the whole request visibly.
-   - `restart`: yield `Status("reset")` — the relay tells the client to discard
-     the stream so far — then generate again from the original messages.
+   - `restart`: yield `Status("reset")`, then generate again from the original
+     messages. For callers that own their client side only: the relay refuses the
+     setting and ends a stream on a `reset` (contract v1 cannot make a client discard
+     what it showed).
    - `continue`: yield `Status("resuming")`, then ask again with the partial
      content appended as an assistant turn plus a user turn asking to continue.
+     A stream with tool calls, or with reasoning only, is not continued: it stops
+     (a restart would splice two generations, e.g. concatenate two attempts'
+     tool-call arguments).
      This is the seam LiteLLM removed from its automatic retries: models
      restart, repeat or change voice, personas break, models without prefill
      answer the new user turn instead, and tool-call arguments cannot be
      resumed. So it is opt-in, announced to the client, never used for
-     tool-call streams (those restart instead), and the text after the seam
+     tool-call streams (those stop instead), and the text after the seam
      is relayed as-is: the transcript the relay stores is what the client saw.
 2. `_acquire()` — before the first output of an attempt: retries with backoff
    (`RetryPolicy`), the circuit breaker per provider, the fallback chain with
    model mapping; `Status("retrying" | "fallback")` tell the client why it waits.
-3. `_attempt()` — one HTTP request: status and error-body mapping, SSE decoding,
-   chunk parsing, and the deadlines (connect via httpx; first token, idle gap and
-   total via `asyncio.timeout_at` around each read — never around a `yield`).
+3. `_attempt()` — one HTTP request: status and error-body mapping, bounded body
+   decoding (`body.py`), SSE decoding (bounded lines and events), chunk parsing,
+   the max_tokens bound, and the deadlines (connect via httpx, per request; first
+   token, idle gap and total through `deadline.py`'s one watchdog around each wait —
+   never around a `yield`).
 """
 
 from __future__ import annotations
@@ -40,9 +47,16 @@ from loguru import logger
 
 from worker.config import DEFAULT_MODELS, Provider, Settings
 from worker.errors import ConfigError, UpstreamError
+from worker.transcript import StreamTranscript
+from worker.upstream.body import ACCEPT_ENCODING, BodyDecoder, BodyLimitError
 from worker.upstream.chunks import ChunkParser
-from worker.upstream.deadline import ReadTimeout, ReadWatchdog
-from worker.upstream.errormap import error_from_httpx, error_from_response, map_httpx_exceptions
+from worker.upstream.deadline import ReadDeadlines, ReadTimeout, ReadWatchdog
+from worker.upstream.errormap import (
+    Redactor,
+    error_from_httpx,
+    error_from_response,
+    map_httpx_exceptions,
+)
 from worker.upstream.events import (
     Finished,
     GenerationRequest,
@@ -53,7 +67,7 @@ from worker.upstream.events import (
     UpstreamEvent,
 )
 from worker.upstream.retry import CircuitBreaker, RetryPolicy
-from worker.upstream.sse import SSEDecoder, SSEEvent
+from worker.upstream.sse import SSEDecoder, SSEEvent, SSELimitError
 
 PROVIDERS: tuple[Provider, ...] = ("openai", "groq")
 MAX_ERROR_BODY_BYTES = 64 * 1024  # an error page is read this far, never more
@@ -81,10 +95,12 @@ class StreamStats:
 class _Progress:
     """Output of the current generation since the last reset."""
 
-    content: list[str] = field(default_factory=list)
-    tokens: int = 0
-    tool_calls: bool = False
+    transcript: StreamTranscript = field(default_factory=StreamTranscript)
     usage_parts: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.transcript.tokens
 
 
 @dataclass
@@ -95,9 +111,21 @@ class _Read:
     progress: _Progress
     messages: list[dict[str, Any]]
     start_tokens: int  # progress.tokens when the attempt began
+    deadlines: ReadDeadlines
+    max_outputs: int  # output deltas this attempt may yield (max_tokens + slack)
+    outputs: int = 0
     produced: bool = False  # output (token, tool call, refusal) reached the consumer
     error: UpstreamError | None = None  # a failure found while parsing a read
     accounted: bool = False  # its partial usage was recorded
+
+
+def not_configured(provider: str) -> UpstreamError:
+    """A request for a provider this worker has neither a key nor a base URL for."""
+    return UpstreamError(
+        f"provider {provider} is not configured on this worker",
+        type="bad_request",
+        provider=provider,
+    )
 
 
 def parse_fallbacks(value: str) -> list[Provider]:
@@ -173,6 +201,7 @@ class UpstreamClient:
     ) -> None:
         self.settings = settings
         self._sleep = sleep
+        self.clean = Redactor(settings.secret_values(), settings.relay_max_error_chars)
         connect = settings.relay_connect_timeout_s
         # Reads are bounded by our own first-token / idle / total deadlines.
         timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
@@ -192,7 +221,9 @@ class UpstreamClient:
             cap_s=settings.relay_upstream_retry_cap_s,
             **policy_kwargs,
         )
-        self.fallbacks = parse_fallbacks(settings.relay_fallback_providers)
+        self.fallbacks = [
+            p for p in parse_fallbacks(settings.relay_fallback_providers) if self._usable(p)
+        ]
         self.fallback_models = parse_model_map(settings.relay_fallback_models)
         self.breakers = {
             p: CircuitBreaker(
@@ -200,6 +231,15 @@ class UpstreamClient:
             )
             for p in PROVIDERS
         }
+
+    def _usable(self, provider: Provider) -> bool:
+        if self.settings.provider_configured(provider):
+            return True
+        logger.bind(event="upstream_config", provider=provider).warning(
+            "fallback provider {} is not configured on this worker (no key, no base URL): skipped",
+            provider,
+        )
+        return False
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -220,13 +260,13 @@ class UpstreamClient:
         """
         stats = stats if stats is not None else StreamStats()
         loop = asyncio.get_running_loop()
-        total_deadline = loop.time() + self.settings.relay_total_timeout_s
+        started = loop.time()
         progress = _Progress()
         messages = request.messages
         log = logger.bind(event="upstream", provider=request.provider)
         while True:
             try:
-                batches = self._acquire(request, messages, progress, stats, total_deadline)
+                batches = self._acquire(request, messages, progress, stats, started)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
                         for event in batch:
@@ -249,9 +289,7 @@ class UpstreamClient:
                             "provider": error.provider,
                         },
                     )
-                    progress.content.clear()
-                    progress.tokens = 0
-                    progress.tool_calls = False
+                    progress.transcript = StreamTranscript()
                     messages = request.messages
                 else:
                     yield Status(
@@ -266,14 +304,15 @@ class UpstreamClient:
                     )
                     messages = [
                         *request.messages,
-                        {"role": "assistant", "content": "".join(progress.content)},
+                        {"role": "assistant", "content": progress.transcript.content},
                         {"role": "user", "content": self.settings.relay_continue_prompt},
                     ]
 
     def _recovery_mode(
         self, error: UpstreamError, progress: _Progress, stats: StreamStats
     ) -> Literal["stop", "restart", "continue"]:
-        if progress.tokens == 0 and not progress.tool_calls:
+        t = progress.transcript
+        if t.tokens == 0 and not t.has_tool_calls:
             return "stop"  # failed before any output: retries already ran in _acquire
         mode = self.settings.relay_midstream_recovery
         if (
@@ -282,8 +321,11 @@ class UpstreamClient:
             or stats.recoveries >= self.settings.relay_midstream_max_recoveries
         ):
             return "stop"
-        if mode == "continue" and (progress.tool_calls or not progress.content):
-            return "restart"  # tool-call arguments (or reasoning only) cannot be continued
+        if mode == "continue" and (t.has_tool_calls or not t.content):
+            # Tool-call arguments (or reasoning only) cannot be continued, and a restart
+            # would splice two generations into what the client already has (the
+            # arguments of both attempts concatenated): end honestly instead.
+            return "stop"
         return mode
 
     def _final_error(self, error: UpstreamError, progress: _Progress) -> UpstreamError:
@@ -318,10 +360,13 @@ class UpstreamClient:
         messages: list[dict[str, Any]],
         progress: _Progress,
         stats: StreamStats,
-        total_deadline: float,
+        started: float,
     ) -> AsyncGenerator[list[UpstreamEvent], None]:
         """Batches of events (one per network read); retries and falls back until the
         first output, re-raises after it."""
+        if not self.settings.provider_configured(request.provider):
+            raise not_configured(request.provider)
+        total_deadline = started + self.settings.deadlines_for(request.provider).total_s
         chain = self._chain(request)
         last_error: UpstreamError | None = None
         for index, (provider, model) in enumerate(chain):
@@ -345,10 +390,22 @@ class UpstreamClient:
                 )
                 continue
             attempt = 0
+            limits = self.settings.deadlines_for(provider)
+            deadlines = ReadDeadlines(limits, min(total_deadline, started + limits.total_s))
+            max_outputs = (
+                request.max_tokens or self.settings.relay_max_tokens_cap
+            ) + self.settings.relay_max_tokens_slack_tokens
             while True:
-                read = _Read(ChunkParser(provider, model), progress, messages, progress.tokens)
+                read = _Read(
+                    ChunkParser(provider, model, clean=self.clean),
+                    progress,
+                    messages,
+                    progress.tokens,
+                    deadlines,
+                    max_outputs,
+                )
                 try:
-                    batches = self._attempt(read, request, stats, total_deadline)
+                    batches = self._attempt(read, request, stats)
                     async with contextlib.aclosing(batches):
                         async for batch in batches:
                             yield batch
@@ -405,96 +462,154 @@ class UpstreamClient:
         return body
 
     async def _open(
-        self, read: _Read, request: GenerationRequest, deadline: float
+        self, read: _Read, request: GenerationRequest, watchdog: ReadWatchdog, first_at: float
     ) -> httpx.Response:
         """Send the request; return the response of a stream that began (200, SSE)."""
         provider, model = cast(Provider, read.parser.provider), read.parser.model
-        headers = {"Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": ACCEPT_ENCODING}
         key = self.settings.api_key_for(provider)
         if key is not None:
             headers["Authorization"] = f"Bearer {key.get_secret_value()}"
         url = self.settings.base_url_for(provider).rstrip("/") + "/chat/completions"
         body = self._body(provider, model, request, read.messages)
-        http_request = self._http.build_request("POST", url, json=body, headers=headers)
-        with map_httpx_exceptions(provider):
-            response: httpx.Response = await self._deadline(
-                self._http.send(http_request, stream=True), deadline, "headers", provider
-            )
+        connect = read.deadlines.limits.connect_s
+        timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
+        http_request = self._http.build_request(
+            "POST", url, json=body, headers=headers, timeout=timeout
+        )
+        deadline, phase = read.deadlines.first_token_at(first_at)
+        try:
+            with map_httpx_exceptions(provider, clean=self.clean):
+                try:
+                    response: httpx.Response = await watchdog.read(
+                        self._http.send(http_request, stream=True), deadline, phase
+                    )
+                except httpx.ConnectTimeout:
+                    raise ReadTimeout("connect") from None
+        except ReadTimeout as timeout_exc:
+            raise self._timeout(read, timeout_exc.phase) from None
         return response
 
     async def _attempt(
-        self,
-        read: _Read,
-        request: GenerationRequest,
-        stats: StreamStats,
-        total_deadline: float,
+        self, read: _Read, request: GenerationRequest, stats: StreamStats
     ) -> AsyncGenerator[list[UpstreamEvent], None]:
         loop = asyncio.get_running_loop()
         provider = read.parser.provider
         stats.attempts += 1
         stats.provider, stats.model, stats.http_status = provider, read.parser.model, None
-        first_deadline = min(
-            total_deadline, loop.time() + self.settings.relay_first_token_timeout_s
-        )
-        response = await self._open(read, request, first_deadline)
+        first_at = loop.time()
         watchdog = ReadWatchdog()
         try:
-            await self._check_response(response, provider, stats, first_deadline)
-            decoder = SSEDecoder()
-            encoded = response.headers.get("content-encoding", "identity") != "identity"
-            chunks = response.aiter_bytes() if encoded else response.aiter_raw()
-            idle_s = self.settings.relay_idle_timeout_s
-            while not read.parser.done:
-                deadline = first_deadline
-                if read.produced:
-                    deadline = min(total_deadline, loop.time() + idle_s)
-                try:
-                    watchdog.arm(deadline)
-                    data = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except asyncio.CancelledError:
-                    if not watchdog.timed_out():
-                        raise
-                    raise self._read_timeout(read) from None
-                except ReadTimeout:
-                    raise self._read_timeout(read) from None
-                except httpx.HTTPError as exc:
-                    error = error_from_httpx(exc, provider)
-                    raise self._with_partial_usage(error, read) from exc
-                finally:
-                    watchdog.disarm()
-                batch = self._parse(read, decoder.feed(data))
-                if batch:
-                    self._note_output(read, batch, stats)
+            response = await self._open(read, request, watchdog, first_at)
+            try:
+                await self._check_response(response, read, stats, watchdog, first_at)
+                async for batch in self._read_events(read, response, stats, watchdog, first_at):
                     yield batch
-                if read.error is not None:
-                    raise read.error
-            if not read.parser.done:
-                yield self._end_of_stream(read, decoder)
+            finally:
+                await response.aclose()
         finally:
             watchdog.close()
-            await response.aclose()
+
+    async def _read_events(
+        self,
+        read: _Read,
+        response: httpx.Response,
+        stats: StreamStats,
+        watchdog: ReadWatchdog,
+        first_at: float,
+    ) -> AsyncGenerator[list[UpstreamEvent], None]:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        decoder = SSEDecoder(
+            max_line_bytes=settings.relay_max_sse_line_bytes,
+            max_event_bytes=settings.relay_max_sse_event_bytes,
+        )
+        try:
+            body = BodyDecoder(
+                response.headers.get("content-encoding", "identity"), settings.relay_max_body_bytes
+            )
+        except BodyLimitError as exc:
+            raise self._malformed(read, str(exc)) from None
+        chunks = response.aiter_raw()
+        parser = read.parser
+        deadlines = read.deadlines
+        while not parser.done:
+            deadline, phase = deadlines.next(loop.time(), read.produced, first_at)
+            try:
+                watchdog.arm(deadline, phase)
+                data = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                if not watchdog.timed_out():
+                    raise
+                raise self._timeout(read, watchdog.phase) from None
+            except (ReadTimeout, httpx.HTTPError) as exc:
+                raise self._read_failed(read, exc) from exc
+            finally:
+                watchdog.disarm()
+            try:
+                # Identity (the usual case): one piece, counted without a generator.
+                pieces = (body.count(data),) if body.identity else body.feed(data)
+                for piece in pieces:
+                    batch = self._piece(read, decoder, piece, stats)
+                    if batch:
+                        yield batch
+                    if read.error is not None:
+                        raise read.error
+                    if parser.done:
+                        break
+            except BodyLimitError as exc:
+                raise self._malformed(read, str(exc)) from None
+        if not parser.done:
+            yield self._end_of_stream(read, decoder)
+
+    def _read_failed(self, read: _Read, exc: ReadTimeout | httpx.HTTPError) -> UpstreamError:
+        if isinstance(exc, ReadTimeout):
+            return self._timeout(read, exc.phase)
+        error = error_from_httpx(exc, read.parser.provider, clean=self.clean)
+        return self._with_partial_usage(error, read)
+
+    def _piece(
+        self, read: _Read, decoder: SSEDecoder, piece: bytes, stats: StreamStats
+    ) -> list[UpstreamEvent]:
+        """The events of one decoded piece; past an SSE bound, the events before it
+        (the failure is left in `read.error`)."""
+        try:
+            sse_events = decoder.feed(piece)
+        except SSELimitError as exc:
+            read.error = self._malformed(read, exc.message)
+            sse_events = exc.events
+        batch = self._parse(read, sse_events)
+        if batch:
+            self._note_output(read, batch, stats)
+        return batch
+
+    def _malformed(self, read: _Read, message: str) -> UpstreamError:
+        error = UpstreamError(message, type="malformed", provider=read.parser.provider, status=200)
+        return self._with_partial_usage(error, read)
 
     async def _check_response(
-        self, response: httpx.Response, provider: str, stats: StreamStats, deadline: float
+        self,
+        response: httpx.Response,
+        read: _Read,
+        stats: StreamStats,
+        watchdog: ReadWatchdog,
+        first_at: float,
     ) -> None:
         """A stream begins only with a 200 that is an event stream."""
         stats.http_status = response.status_code
         if stats.headers_s is None:
             stats.headers_s = time.monotonic() - stats.started
         if response.status_code != 200:
-            raise await self._status_error(response, provider, deadline)
+            raise await self._status_error(response, read, watchdog, first_at)
         content_type = response.headers.get("content-type", "")
         if "text/html" in content_type or "application/json" in content_type:
-            raise await self._not_a_stream(response, provider, deadline)
+            raise await self._not_a_stream(response, read, watchdog, first_at)
 
-    def _read_timeout(self, read: _Read) -> UpstreamError:
-        phase = "idle" if read.produced else "first token"
+    def _timeout(self, read: _Read, phase: str) -> UpstreamError:
         error = UpstreamError(
-            f"no chunk before the {phase} deadline",
-            type="timeout",
-            provider=read.parser.provider,
+            read.deadlines.message(phase), type="timeout", provider=read.parser.provider
         )
         return self._with_partial_usage(error, read)
 
@@ -529,15 +644,28 @@ class UpstreamClient:
                 read.error = self._with_partial_usage(error, read)
                 break
             for event in events:
-                if type(event) is Token:
-                    progress.tokens += 1
-                    if event.kind == "content":
-                        progress.content.append(event.text)
-                elif isinstance(event, ToolCallDelta):
-                    progress.tool_calls = True
-                elif isinstance(event, Finished):
+                if isinstance(event, Token | ToolCallDelta | Refusal):
+                    read.outputs += 1
+                    if read.outputs > read.max_outputs:
+                        return self._cut(read, out)
+                if isinstance(event, Finished):
                     event = self._finished(event, read)
+                else:
+                    progress.transcript.feed(event)
                 out.append(event)
+            if parser.done:
+                break
+        return out
+
+    def _cut(self, read: _Read, out: list[UpstreamEvent]) -> list[UpstreamEvent]:
+        """Past max_tokens (+ slack) the provider is ignoring it: end the stream
+        ourselves, as the provider should have (`length`)."""
+        logger.bind(event="upstream_overrun", provider=read.parser.provider).warning(
+            "provider sent more than {} output deltas (max_tokens + "
+            "RELAY_MAX_TOKENS_SLACK_TOKENS): stream ended with finish_reason length",
+            read.max_outputs,
+        )
+        out.append(self._finished(read.parser.cut("length"), read))
         return out
 
     def _finished(self, finished: Finished, read: _Read) -> Finished:
@@ -568,54 +696,51 @@ class UpstreamClient:
         error.usage, error.usage_estimated = usage, estimated
         return error
 
-    async def _deadline(
-        self, awaitable: Awaitable[Any], deadline: float, phase: str, provider: str
-    ) -> Any:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await awaitable
-        except TimeoutError as exc:
-            raise UpstreamError(
-                f"no {phase} before the deadline ({phase} timeout)",
-                type="timeout",
-                provider=provider,
-            ) from exc
-
     async def _status_error(
-        self, response: httpx.Response, provider: str, deadline: float
+        self, response: httpx.Response, read: _Read, watchdog: ReadWatchdog, first_at: float
     ) -> UpstreamError:
+        provider = read.parser.provider
         body = b""
+        deadline, phase = read.deadlines.first_token_at(first_at)
         try:
-            with map_httpx_exceptions(provider):
-                body = await self._deadline(
-                    self._read_capped(response), deadline, "error body", provider
-                )
-        except UpstreamError:
+            with map_httpx_exceptions(provider, clean=self.clean):
+                body = await watchdog.read(self._read_capped(response), deadline, phase)
+        except (UpstreamError, ReadTimeout, BodyLimitError):
             pass  # the status alone still classifies the failure
         return error_from_response(
-            response.status_code, response.headers, body, provider=provider, now=time.time()
+            response.status_code,
+            response.headers,
+            body,
+            provider=provider,
+            now=time.time(),
+            clean=self.clean,
         )
 
     async def _not_a_stream(
-        self, response: httpx.Response, provider: str, deadline: float
+        self, response: httpx.Response, read: _Read, watchdog: ReadWatchdog, first_at: float
     ) -> UpstreamError:
         """A 200 that is not an event stream: a JSON error, or a proxy's HTML page."""
-        error = await self._status_error(response, provider, deadline)
+        error = await self._status_error(response, read, watchdog, first_at)
         if error.type in ("upstream_error", "bad_request") and error.message.startswith("HTTP"):
             content_type = response.headers.get("content-type", "")
             return UpstreamError(
-                f"HTTP 200 with {content_type!r} instead of an event stream",
+                f"HTTP 200 with {content_type!r} instead of an event stream"[:200],
                 type="malformed",
-                provider=provider,
+                provider=read.parser.provider,
                 status=200,
             )
         return error
 
     @staticmethod
     async def _read_capped(response: httpx.Response) -> bytes:
-        body = b""
-        async for data in response.aiter_bytes():
-            body += data
-            if len(body) >= MAX_ERROR_BODY_BYTES:
-                break
-        return body
+        """At most MAX_ERROR_BODY_BYTES of the decoded body (a bomb stops there too)."""
+        decoder = BodyDecoder(response.headers.get("content-encoding", "identity"), 1 << 62)
+        parts: list[bytes] = []
+        size = 0
+        async for data in response.aiter_raw():
+            for piece in decoder.feed(data):
+                parts.append(piece)
+                size += len(piece)
+                if size >= MAX_ERROR_BODY_BYTES:
+                    return b"".join(parts)[:MAX_ERROR_BODY_BYTES]
+        return b"".join(parts)

@@ -15,6 +15,16 @@ Sources for the provider shapes this reads:
   retrying never helps.
 - Groq's custom 498 `capacity_exceeded` (flex tier full): "Add jittered backoff and
   retries" (console.groq.com/docs/flex-processing), so it is treated as a rate limit.
+- Groq's 413 "Request too large ... on tokens per minute" comes with
+  `code: rate_limit_exceeded`, but the same request can never fit the tier: a rate
+  limit that is not retryable (the next provider of the chain may still take it).
+- OpenRouter-style in-band errors carry the HTTP status as a numeric `code`.
+
+Every message made here goes through one `Redactor` before it exists: the configured
+keys (and any `Bearer ...` value, e.g. an error body that echoes the Authorization
+header) are replaced by `[redacted]`, then the text is cut to RELAY_MAX_ERROR_CHARS.
+An `auth` error says only that the credentials were refused: nothing of the body,
+which is where a provider quotes the key it was sent.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -38,6 +48,40 @@ _TRY_AGAIN = re.compile(
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _MAX_MESSAGE = 500
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+REDACTED = "[redacted]"
+AUTH_MESSAGE = "the provider refused the worker's credentials"
+_SERVER_WORDS = ("server_error", "internal", "overloaded", "unavailable", "capacity")
+
+
+class Redactor:
+    """Makes a foreign error text safe to store, log and broadcast: configured keys
+    and bearer tokens removed, length bounded. Pure.
+
+    Args:
+        secrets: the configured keys (`Settings.secret_values()`).
+        max_chars: the bound (RELAY_MAX_ERROR_CHARS).
+    """
+
+    __slots__ = ("max_chars", "secrets")
+
+    def __init__(self, secrets: Iterable[str] = (), max_chars: int = _MAX_MESSAGE) -> None:
+        # Longest first, so a key that contains another is removed whole.
+        self.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        self.max_chars = max_chars
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if "earer" in text or "EARER" in text:
+            text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+        if len(text) > self.max_chars:
+            text = text[: self.max_chars - 1] + "…"
+        return text
+
+
+PLAIN = Redactor()
 
 
 def parse_duration_s(text: str) -> float | None:
@@ -141,16 +185,67 @@ def error_from_object(
     status: int | None = None,
     tokens_received: int = 0,
     retry_after_s: float | None = None,
+    in_band: bool = False,
+    clean: Redactor = PLAIN,
 ) -> UpstreamError:
-    """An `{"error": {...}}` object (from a status body or inside a 200 stream)."""
-    message = str(err.get("message") or err.get("type") or "upstream error")[:_MAX_MESSAGE]
+    """An `{"error": {...}}` object (from a status body or inside a 200 stream).
+
+    `in_band`: the error came inside a stream that had begun; a numeric `code`
+    (OpenRouter sends the HTTP status there) or server words in the message make it
+    a retryable `server_error`, anything else unknown stays `upstream_error`."""
+    message = str(err.get("message") or err.get("type") or "upstream error")
     kind, retryable = _type_from_error_object(err)
+    if status in (401, 403):
+        kind = "auth"  # whatever the body's words: the credentials were refused
     if kind == "upstream_error" and status is not None and status >= 400:
         kind = _type_from_status(status)
+    if kind == "upstream_error":
+        code = _numeric_code(err.get("code"))
+        if code is not None:
+            kind = _type_from_status(code)
+        elif in_band and any(w in message.lower() for w in _SERVER_WORDS):
+            kind = "server_error"
     if retry_after_s is None and kind == "rate_limit":
         retry_after_s = retry_after_from_message(message)
-    return UpstreamError(
+    return make_error(
         message,
+        kind=kind,
+        provider=provider,
+        status=status,
+        retry_after_s=retry_after_s,
+        tokens_received=tokens_received,
+        retryable=retryable,
+        clean=clean,
+    )
+
+
+def _numeric_code(code: Any) -> int | None:
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    return None
+
+
+def make_error(
+    message: str,
+    *,
+    kind: UpstreamErrorType,
+    provider: str,
+    status: int | None = None,
+    retry_after_s: float | None = None,
+    tokens_received: int = 0,
+    retryable: bool | None = None,
+    clean: Redactor = PLAIN,
+) -> UpstreamError:
+    """The one constructor of a mapped provider failure: 413 is never retried, an
+    `auth` error says only that, and every message is redacted and bounded."""
+    if status == 413:
+        retryable = False  # "request too large" for the tier: the same request never fits
+    if kind == "auth":
+        message = AUTH_MESSAGE + (f" (HTTP {status})" if status else "")
+    return UpstreamError(
+        clean(message),
         type=kind,
         provider=provider,
         status=status,
@@ -167,6 +262,7 @@ def error_from_response(
     *,
     provider: str,
     now: float,
+    clean: Redactor = PLAIN,
 ) -> UpstreamError:
     """A non-2xx response: JSON error body, an HTML page from a proxy, or anything."""
     retry_after = retry_after_from_headers(headers, now=now)
@@ -176,10 +272,12 @@ def error_from_response(
         decoded = orjson.loads(body) if body else None
     err = error_object_of(decoded)
     if err is not None:
-        error = error_from_object(err, provider=provider, status=status, retry_after_s=retry_after)
+        error = error_from_object(
+            err, provider=provider, status=status, retry_after_s=retry_after, clean=clean
+        )
         # The status is the stronger signal when the body's words are unknown.
         if error.type == "upstream_error":
-            error = _with_type(error, _type_from_status(status))
+            error = _with_type(error, _type_from_status(status), clean)
         return error
     kind = _type_from_status(status)
     if _looks_like_html(text):
@@ -189,48 +287,58 @@ def error_from_response(
         message = f"HTTP {status}: {' '.join(text.split())[:200] or 'empty body'}"
     if retry_after is None and kind == "rate_limit":
         retry_after = retry_after_from_message(text)
-    return UpstreamError(
-        message, type=kind, provider=provider, status=status, retry_after_s=retry_after
+    return make_error(
+        message,
+        kind=kind,
+        provider=provider,
+        status=status,
+        retry_after_s=retry_after,
+        clean=clean,
     )
 
 
-def _with_type(error: UpstreamError, kind: UpstreamErrorType) -> UpstreamError:
-    return UpstreamError(
+def _with_type(error: UpstreamError, kind: UpstreamErrorType, clean: Redactor) -> UpstreamError:
+    return make_error(
         error.message,
-        type=kind,
+        kind=kind,
         provider=error.provider,
         status=error.status,
         retry_after_s=error.retry_after_s,
         tokens_received=error.tokens_received,
+        clean=clean,
     )
 
 
 def error_from_httpx(
-    exc: httpx.HTTPError, provider: str, *, tokens_received: int = 0
+    exc: httpx.HTTPError, provider: str, *, tokens_received: int = 0, clean: Redactor = PLAIN
 ) -> UpstreamError:
     """One httpx failure as an `UpstreamError` (the caller raises it `from exc`)."""
     if isinstance(exc, httpx.TimeoutException):
         # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
-        return UpstreamError(
+        return make_error(
             f"{type(exc).__name__}: {str(exc) or 'timed out'}",
-            type="timeout",
+            kind="timeout",
             provider=provider,
             tokens_received=tokens_received,
+            clean=clean,
         )
     # ConnectError, ReadError (connection reset), RemoteProtocolError (peer closed
     # mid-body, incomplete chunked read), WriteError, ProxyError, decoding errors...
-    return UpstreamError(
+    return make_error(
         f"{type(exc).__name__}: {str(exc) or 'connection reset or closed by the peer'}",
-        type="connection_lost",
+        kind="connection_lost",
         provider=provider,
         tokens_received=tokens_received,
+        clean=clean,
     )
 
 
 @contextlib.contextmanager
-def map_httpx_exceptions(provider: str, *, tokens_received: int = 0) -> Iterator[None]:
+def map_httpx_exceptions(
+    provider: str, *, tokens_received: int = 0, clean: Redactor = PLAIN
+) -> Iterator[None]:
     """Translate httpx failures, once, at the edge (httpx's own `map_*_exceptions` pattern)."""
     try:
         yield
     except httpx.HTTPError as exc:
-        raise error_from_httpx(exc, provider, tokens_received=tokens_received) from exc
+        raise error_from_httpx(exc, provider, tokens_received=tokens_received, clean=clean) from exc

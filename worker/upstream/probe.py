@@ -3,7 +3,8 @@
 The scriptable contract (design.md, "Diagnostics"):
 
     llm-relay probe [--provider openai|groq] [--base-url URL] [--model M] [--prompt TEXT]
-                    [--retries N] [--idle-timeout S] [--first-token-timeout S] [--json]
+                    [--retries N] [--idle-timeout S] [--first-token-timeout S]
+                    [--max-tokens N] [--json]
 
 Flags override the settings for this one call; `--retries 0` makes exactly one
 request. The probe looks at one provider alone: no fallback provider, and a
@@ -26,14 +27,13 @@ import orjson
 from worker.cli import Command
 from worker.config import Provider, Settings
 from worker.errors import UpstreamError
+from worker.transcript import StreamTranscript
 from worker.upstream.client import StreamStats, UpstreamClient
 from worker.upstream.events import (
     Finished,
     GenerationRequest,
-    Refusal,
     Status,
     Token,
-    ToolCallDelta,
     UpstreamEvent,
 )
 
@@ -50,10 +50,7 @@ class ProbeReport:
     http_status: int | None = None
     outcome: Outcome = "ok"
     finish_reason: str | None = None
-    content_tokens: list[str] = field(default_factory=list)
-    reasoning_tokens: list[str] = field(default_factory=list)
-    refusal: str = ""
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    transcript: StreamTranscript = field(default_factory=lambda: StreamTranscript(keep_tokens=True))
     usage: dict[str, Any] | None = None
     usage_estimated: bool = False
     error: dict[str, Any] | None = None
@@ -61,20 +58,17 @@ class ProbeReport:
     attempts: int = 0
     timings: dict[str, float | None] = field(default_factory=dict)
 
+    @property
+    def content_tokens(self) -> list[str]:
+        return self.transcript.content_tokens
+
+    @property
+    def reasoning_tokens(self) -> list[str]:
+        return self.transcript.reasoning_tokens
+
     def add(self, event: UpstreamEvent) -> None:
-        if isinstance(event, Token):
-            tokens = self.content_tokens if event.kind == "content" else self.reasoning_tokens
-            tokens.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            call = self.tool_calls.setdefault(
-                event.index, {"index": event.index, "id": None, "name": None, "arguments": ""}
-            )
-            call["id"] = call["id"] or event.id
-            call["name"] = call["name"] or event.name
-            call["arguments"] += event.arguments
-        elif isinstance(event, Refusal):
-            self.refusal += event.text
-        elif isinstance(event, Status):
+        self.transcript.feed(event)
+        if isinstance(event, Status):
             self.statuses.append({"kind": event.kind, **event.detail})
         elif isinstance(event, Finished):
             self.finish_reason = event.finish_reason
@@ -101,12 +95,12 @@ class ProbeReport:
             "http_status": self.http_status,
             "outcome": self.outcome,
             "finish_reason": self.finish_reason,
-            "content": "".join(self.content_tokens),
-            "reasoning": "".join(self.reasoning_tokens),
-            "refusal": self.refusal or None,
+            "content": self.transcript.content,
+            "reasoning": self.transcript.reasoning,
+            "refusal": self.transcript.refusal,
             "content_tokens": self.content_tokens,
             "reasoning_tokens": self.reasoning_tokens,
-            "tool_calls": [self.tool_calls[i] for i in sorted(self.tool_calls)],
+            "tool_calls": self.transcript.tool_call_dicts(),
             "usage": self.usage,
             "usage_estimated": self.usage_estimated,
             "error": self.error,
@@ -127,10 +121,13 @@ def probe_settings(args: argparse.Namespace, settings: Settings) -> Settings:
         update["openai_base_url" if provider == "openai" else "groq_base_url"] = args.base_url
     if args.retries is not None:
         update["relay_upstream_retries"] = args.retries
+    # A flag wins over both the global deadline and the provider's own one.
     if args.idle_timeout is not None:
         update["relay_idle_timeout_s"] = args.idle_timeout
+        update[f"relay_{provider}_idle_timeout_s"] = args.idle_timeout
     if args.first_token_timeout is not None:
         update["relay_first_token_timeout_s"] = args.first_token_timeout
+        update[f"relay_{provider}_first_token_timeout_s"] = args.first_token_timeout
     return settings.model_copy(update=update)
 
 
@@ -139,7 +136,10 @@ async def run_probe(args: argparse.Namespace, settings: Settings) -> ProbeReport
     provider: Provider = args.provider or settings.relay_provider
     model = args.model or settings.model_for(provider)
     request = GenerationRequest(
-        messages=[{"role": "user", "content": args.prompt}], provider=provider, model=model
+        messages=[{"role": "user", "content": args.prompt}],
+        provider=provider,
+        model=model,
+        max_tokens=args.max_tokens,
     )
     report = ProbeReport(provider=provider, model=model)
     stats = StreamStats()
@@ -176,6 +176,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=None, help="0: exactly one request")
     parser.add_argument("--idle-timeout", type=float, default=None, metavar="S")
     parser.add_argument("--first-token-timeout", type=float, default=None, metavar="S")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="cap the completion"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 

@@ -22,6 +22,14 @@ came. `flush()` dispatches it when all its lines were complete (only the blank l
 is missing, as after `data: [DONE]\\n` from a server that closes at once) and
 drops a partial last line, whose length it reports in `discarded_bytes`: a line
 cut mid-way is a truncated stream, never a valid chunk.
+
+Bounds (a broken or hostile server cannot grow us without limit): one pending line
+may hold at most `max_line_bytes` (RELAY_MAX_SSE_LINE_BYTES), the `data` of one
+pending event at most `max_event_bytes` (RELAY_MAX_SSE_EVENT_BYTES); past either,
+`feed()` raises `SSELimitError` carrying the events completed before. The work per
+byte is constant: a line that arrives over many reads is kept as a list of pieces
+and joined once, when it ends (concatenating on every read was quadratic: one
+100 MB line without a newline took minutes).
 """
 
 from __future__ import annotations
@@ -31,6 +39,17 @@ from typing import NamedTuple
 
 BOM = b"\xef\xbb\xbf"
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+
+class SSELimitError(Exception):
+    """A pending line or event passed its bound. `events` completed before it."""
+
+    def __init__(self, message: str, events: list[SSEEvent]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.events = events
 
 
 class SSEEvent(NamedTuple):
@@ -49,16 +68,31 @@ class SSEDecoder:
         "_at_start",
         "_buffer",
         "_data",
+        "_data_bytes",
         "_event",
         "_last_id",
+        "_parts",
+        "_parts_bytes",
         "_retry",
         "_skip_lf",
         "comments",
         "discarded_bytes",
+        "max_event_bytes",
+        "max_line_bytes",
     )
 
-    def __init__(self) -> None:
-        self._buffer = b""  # bytes of the current, unterminated line
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.max_event_bytes = max_event_bytes
+        self._buffer = b""  # a short unterminated line (or a BOM still being read)
+        self._parts: list[bytes] = []  # pieces of a long unterminated line, joined once
+        self._parts_bytes = 0
+        self._data_bytes = 0  # bytes of the pending event's data lines
         self._at_start = True  # a BOM may still come
         self._skip_lf = False  # the previous read ended in CR
         self._data: list[str] = []
@@ -73,18 +107,24 @@ class SSEDecoder:
         return self._last_id
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        """Consume bytes from the wire; return the events they complete, in order."""
+        """Consume bytes from the wire; return the events they complete, in order.
+
+        Raises:
+            SSELimitError: a pending line or event passed its bound.
+        """
         if not data:
             return []
         if (
             # The hot path: one whole `data: ...` event per read, nothing pending.
             not self._buffer
+            and not self._parts
             and not self._data
             and not self._skip_lf
             and not self._at_start
             and data.startswith(b"data: ")
             and data.find(b"\n") == len(data) - 2
             and data.endswith(b"\n\n")
+            and len(data) <= self.max_event_bytes
             and b"\r" not in data
         ):
             event = SSEEvent(
@@ -95,42 +135,100 @@ class SSEDecoder:
             )
             self._event = ""
             return [event]
+        events: list[SSEEvent] = []
+        try:
+            self._feed(data, events)
+        except SSELimitError as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _feed(self, data: bytes, events: list[SSEEvent]) -> None:
         if self._skip_lf:
             self._skip_lf = False
             if data[:1] == b"\n":
                 data = data[1:]
+        if self._parts:
+            data = self._continue_line(data, events)
         buffer = self._buffer + data if self._buffer else data
+        self._buffer = b""
         if self._at_start:
             if len(buffer) < len(BOM) and BOM.startswith(buffer):
                 self._buffer = buffer  # could still be a BOM split across reads
-                return []
+                return
             self._at_start = False
             if buffer.startswith(BOM):
                 buffer = buffer[len(BOM) :]
-        events: list[SSEEvent] = []
         if b"\r" not in buffer:
             # Fast path: the common LF-only stream.
             lines = buffer.split(b"\n")
-            self._buffer = lines.pop()
+            tail = lines.pop()
             for line in lines:
                 self._process_line(line, events)
-            return events
-        start = 0
-        for match in _LINE_END.finditer(buffer):
-            end = match.end()
-            if end == len(buffer) and match.group() == b"\r":
-                # A CR at the very end: an LF may follow in the next read.
+        else:
+            start = 0
+            for match in _LINE_END.finditer(buffer):
+                end = match.end()
+                if end == len(buffer) and match.group() == b"\r":
+                    # A CR at the very end: an LF may follow in the next read.
+                    self._skip_lf = True
+                self._process_line(buffer[start : match.start()], events)
+                start = end
+            tail = buffer[start:]
+        if tail:
+            self._parts = [tail]
+            self._parts_bytes = len(tail)
+            self._check_line()
+
+    def _continue_line(self, data: bytes, events: list[SSEEvent]) -> bytes:
+        """Data after an unterminated line: end that line if `data` has a line end
+        (one join of its pieces), else keep the piece. Returns what follows the line."""
+        lf, cr = data.find(b"\n"), data.find(b"\r")
+        if lf < 0 and cr < 0:
+            self._parts.append(data)
+            self._parts_bytes += len(data)
+            self._check_line()
+            return b""
+        at = lf if cr < 0 or (0 <= lf < cr) else cr
+        self._parts_bytes += at
+        self._check_line()
+        line = b"".join(self._parts) + data[:at]
+        self._parts = []
+        self._parts_bytes = 0
+        rest = at + 1
+        if data[at : at + 1] == b"\r":
+            if rest == len(data):
                 self._skip_lf = True
-            self._process_line(buffer[start : match.start()], events)
-            start = end
-        self._buffer = buffer[start:]
-        return events
+            elif data[rest : rest + 1] == b"\n":
+                rest += 1
+        self._process_line(line, events)
+        return data[rest:]
+
+    def _check_line(self) -> None:
+        if self._parts_bytes > self.max_line_bytes:
+            raise SSELimitError(
+                f"an SSE line passed {self.max_line_bytes} bytes without a line end "
+                "(RELAY_MAX_SSE_LINE_BYTES)",
+                [],
+            )
+
+    def _add_data(self, value: bytes) -> None:
+        self._data_bytes += len(value) + 1
+        if self._data_bytes > self.max_event_bytes:
+            raise SSELimitError(
+                f"an SSE event passed {self.max_event_bytes} bytes of data without a blank "
+                "line (RELAY_MAX_SSE_EVENT_BYTES)",
+                [],
+            )
+        self._data.append(value.decode("utf-8", "replace"))
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: dispatch a pending event whose lines were all complete."""
         events: list[SSEEvent] = []
-        self.discarded_bytes += len(self._buffer)
+        self.discarded_bytes += len(self._buffer) + self._parts_bytes
         self._buffer = b""
+        self._parts = []
+        self._parts_bytes = 0
         self._skip_lf = False
         self._dispatch(events)
         return events
@@ -141,8 +239,7 @@ class SSEDecoder:
             return
         if line.startswith(b"data:"):
             # The hot path: one data line per chunk.
-            value = line[6:] if line[5:6] == b" " else line[5:]
-            self._data.append(value.decode("utf-8", "replace"))
+            self._add_data(line[6:] if line[5:6] == b" " else line[5:])
             return
         if line[:1] == b":":
             self.comments += 1
@@ -151,7 +248,7 @@ class SSEDecoder:
         if colon and field_value[:1] == " ":
             field_value = field_value[1:]
         if name == "data":  # `data` without a colon: an empty data line
-            self._data.append(field_value)
+            self._add_data(field_value.encode())
         elif name == "event":
             self._event = field_value
         elif name == "id" and "\0" not in field_value:
@@ -171,4 +268,5 @@ class SSEDecoder:
                 )
             )
         self._data = []
+        self._data_bytes = 0
         self._event = ""

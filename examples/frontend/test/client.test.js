@@ -40,6 +40,18 @@ class FakeSupabase {
     const builder = {
       select: (cols) => ((q.cols = cols), builder),
       eq: (col, v) => ((q.col = col), (q.id = v), builder),
+      gte: (col, v) => ((q.gteCol = col), (q.from = v), builder),
+      order: (col, opts) => ((q.order = [col, opts]), builder),
+      limit: (n) => ((q.limit = n), builder),
+      // a list read (the token log): supabase-js builders are thenables
+      then: (resolve, reject) => {
+        this.reads.push(q);
+        const rows = (this.chunks?.[q.id] ?? [])
+          .filter((c) => c.token_offset >= q.from)
+          .sort((x, y) => x.token_offset - y.token_offset)
+          .slice(0, q.limit ?? Infinity);
+        return Promise.resolve({ data: rows, error: null }).then(resolve, reject);
+      },
       maybeSingle: async () => {
         this.reads.push(q);
         const list = this.rows[q.id] ?? [];
@@ -67,6 +79,50 @@ async function until(pred, ms = 2000) {
 const tok = (offset, tokens, kind = "content") => ({ v: 1, stream: "r1", seq: 0, offset, kind, tokens });
 
 describe("subscribeToSession", () => {
+  it("a late joiner catches up from the token log at its next expected offset", async () => {
+    const sb = new FakeSupabase({ r1: [{ content: "", reasoning: "", next_offset: 0, status: "running" }] });
+    sb.chunks = {
+      r1: [
+        { token_offset: 0, kind: "reasoning", text: "hm" },
+        { token_offset: 1, kind: "content", text: "a" },
+        { token_offset: 2, kind: "content", text: "b" },
+        { token_offset: 3, kind: "content", text: "c" },
+      ],
+    };
+    const sub = subscribeToSession(sb, { session: "s", gapTimeoutMs: 5 });
+    sb.ch.state("SUBSCRIBED");
+    sb.ch.deliver("llm-token", tok(4, ["d"])); // joined mid-stream: offsets 0..3 missed
+    await until(() => sub.view("r1")?.content === "abcd");
+    assert.equal(sub.view("r1").reasoning, "hm");
+    assert.equal(sub.view("r1").stats.logTokens, 4);
+    const log = sb.reads.find((q) => q.table === "llm_request_chunks");
+    assert.deepEqual(
+      [log.col, log.id, log.gteCol, log.from, log.order[0], log.cols],
+      ["request_id", "r1", "token_offset", 0, "token_offset", "token_offset,kind,text"],
+    );
+  });
+
+  it("a gap held longer than the gap timeout is read from the log, from the gap", async () => {
+    const sb = new FakeSupabase({ r1: [{ content: "", reasoning: "", next_offset: 0, status: "running" }] });
+    sb.chunks = { r1: ["a", "b", "c", "d"].map((text, i) => ({ token_offset: i, kind: "content", text })) };
+    const sub = subscribeToSession(sb, { session: "s", gapTimeoutMs: 20 });
+    sb.ch.state("SUBSCRIBED");
+    sb.ch.deliver("llm-token", tok(0, ["a", "b"]));
+    sb.ch.deliver("llm-token", tok(3, ["d"])); // offset 2 lost with a dead worker
+    assert.equal(sb.reads.length, 0); // not at once: a retry may still fill it
+    await until(() => sub.view("r1")?.content === "abcd");
+    const log = sb.reads.find((q) => q.table === "llm_request_chunks");
+    assert.equal(log.from, 2);
+    sb.ch.deliver("llm-done", { stream: "r1", total_tokens: 4 });
+    assert.equal(sub.view("r1").complete, true);
+    // a log read overtaken by the live messages is not counted as a duplicate send
+    sb.ch.deliver("llm-token", tok(2, ["c"]));
+    assert.equal(sub.view("r1").stats.duplicateMessages, 1);
+    const overtaken = { v: 1, stream: "r1", seq: -1, offset: 0, kind: "content", tokens: ["a", "b"] };
+    assert.equal(sub.streams.get("r1").pushTokens(overtaken, "log"), "duplicate");
+    assert.equal(sub.view("r1").stats.duplicateMessages, 1);
+  });
+
   it("joins the private topic after setAuth", () => {
     const sb = new FakeSupabase({});
     const sub = subscribeToSession(sb, { session: "abc", accessToken: "jwt" });
@@ -93,7 +149,7 @@ describe("subscribeToSession", () => {
     sb.ch.state("SUBSCRIBED");
     sb.ch.deliver("llm-token", tok(4, ["e", "f"])); // joined mid-stream
     await until(() => sub.view("r1")?.content === "abcdef");
-    assert.equal(sb.reads.length, 2);
+    assert.equal(sb.reads.filter((q) => q.table === "llm_requests").length, 2);
     assert.equal(sb.reads[0].table, "llm_requests");
     assert.equal(sb.reads[0].col, "id");
     sb.ch.deliver("llm-token", tok(6, ["g"]));

@@ -1,0 +1,222 @@
+"""`ChunkLog`: the worker's one writer of durable stream state.
+
+    stream A ─append─┐
+    stream B ─append─┼─▶ pending ──one INSERT per flush (all streams)──▶ llm_request_chunks
+    stream C ─append─┘                 (fenced by each lease)
+
+- **Group commit.** Every stream of the worker awaits `append()`; one task writes all
+  that is pending in a single multi-row statement, and while it runs the next group
+  gathers. A stream waits for one commit, not one per stream, and the database sees
+  one statement per flush whatever the number of streams.
+- **Fenced.** The insert writes only the rows of requests whose lease this worker
+  holds and never replaces an offset (see `append_chunks` in queries.sql). A stream
+  whose rows did not all land gets `LeaseLost`: it must not broadcast them.
+- **Outages.** A failed statement is retried with the one backoff generator; the
+  streams wait (nothing is broadcast that is not durable). A stream that gives up
+  (abort, lease lost) withdraws what was not yet in flight.
+- **Recovery.** `recover(job)` is the heir's start: the row's snapshot plus every
+  logged token after it, so it continues from exactly the last durable offset.
+- **Retention.** Chunks of requests finished more than RELAY_CHUNK_RETENTION_S ago
+  are deleted (the row holds the compacted transcript).
+- **Final writes** (`write_final`): the end of a fully relayed stream is retried with
+  backoff until it lands, so a finished answer is never generated twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from worker.backoff import backoff_delay
+from worker.errors import LeaseLost, QueueError
+from worker.jobs.models import Chunk, Job, Snapshot
+from worker.jobs.repository import JobRepository
+from worker.transcript import StreamTranscript
+
+RETRY_BASE_S = 0.05
+RETRY_CAP_S = 2.0
+FINAL_RETRY_BASE_S = 0.2
+FINAL_RETRY_CAP_S = 5.0
+PRUNE_INTERVAL_S = 60.0
+# The most rows one statement carries (a backlog after an outage is written in parts).
+MAX_ROWS_PER_STATEMENT = 20_000
+
+
+@dataclass
+class _Append:
+    job_id: str
+    chunks: list[Chunk]
+    done: asyncio.Future[None]
+
+
+@dataclass
+class ChunkLogStats:
+    statements: int = 0
+    rows: int = 0
+    failures: int = 0
+    pruned: int = 0
+    streams_per_statement: list[int] = field(default_factory=list)
+
+
+class ChunkLog:
+    """The write-ahead token log of one worker (see module docstring)."""
+
+    def __init__(
+        self,
+        repository: JobRepository,
+        worker: str,
+        *,
+        retention_s: float = 3600.0,
+        prune_interval_s: float = PRUNE_INTERVAL_S,
+    ) -> None:
+        self._repo = repository
+        self.worker = worker
+        self.retention_s = retention_s
+        self.prune_interval_s = prune_interval_s
+        self._pending: list[_Append] = []
+        self._wake = asyncio.Event()
+        self.stats = ChunkLogStats()
+        self._log = logger.bind(event="chunk_log", worker=worker)
+
+    # --- the streams' side ---
+
+    async def append(self, job_id: str, chunks: Sequence[Chunk]) -> None:
+        """Return once `chunks` are durable.
+
+        Raises:
+            LeaseLost: not every chunk landed (another worker owns the request now).
+        """
+        if not chunks:
+            return
+        entry = _Append(job_id, list(chunks), asyncio.get_running_loop().create_future())
+        self._pending.append(entry)
+        self._wake.set()
+        try:
+            await entry.done
+        except asyncio.CancelledError:
+            # Not yet in flight: withdrawn (never durable, never broadcast).
+            with contextlib.suppress(ValueError):
+                self._pending.remove(entry)
+            raise
+
+    async def recover(self, job: Job) -> Snapshot:
+        """Where the heir of `job` continues: its row's snapshot plus the logged tail."""
+        start = job.snapshot
+        chunks = await self._repo.read_chunks(job.id, start.next_offset)
+        t = StreamTranscript.resume(
+            content=start.content, reasoning=start.reasoning, next_offset=start.next_offset
+        )
+        for chunk in chunks:
+            if chunk.offset != t.next_offset:
+                break  # cannot happen (offsets are written in order); never skip one
+            t.add_token(chunk.kind, chunk.text)
+        # One message carries at least one token: a number past any the dead worker used.
+        next_seq = start.next_seq + t.tokens + 1 if t.tokens else start.next_seq
+        return Snapshot(t.content, t.reasoning, t.next_offset, next_seq)
+
+    # --- the writer task (a supervised side task of the worker) ---
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + self.prune_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(next_prune - loop.time(), 0)):
+                    await self._wake.wait()
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + self.prune_interval_s
+                await self._prune()
+            while self._pending:
+                await self._flush()
+            self._wake.clear()
+
+    async def _flush(self) -> None:
+        group: list[_Append] = []
+        rows = 0
+        while self._pending and (not group or rows < MAX_ROWS_PER_STATEMENT):
+            entry = self._pending.pop(0)
+            if entry.done.done():
+                continue
+            group.append(entry)
+            rows += len(entry.chunks)
+        if not group:
+            return
+        chunks = [c for entry in group for c in entry.chunks]
+        attempt = 0
+        while True:
+            try:
+                written = await self._repo.append_chunks(worker=self.worker, chunks=chunks)
+                break
+            except QueueError as exc:
+                self.stats.failures += 1
+                attempt += 1
+                if attempt == 1:
+                    self._log.warning("token log write failed, retrying: {}", exc.message)
+                await asyncio.sleep(backoff_delay(attempt, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S))
+                group = [e for e in group if not e.done.done()]
+                if not group:
+                    return
+                chunks = [c for entry in group for c in entry.chunks]
+        self.stats.statements += 1
+        self.stats.rows += len(written)
+        self.stats.streams_per_statement.append(len({e.job_id for e in group}))
+        for entry in group:
+            if entry.done.done():
+                continue
+            if all((c.job_id, c.offset) in written for c in entry.chunks):
+                entry.done.set_result(None)
+            else:
+                entry.done.set_exception(
+                    LeaseLost("lease lost before the token log write", job_id=entry.job_id)
+                )
+
+    async def _prune(self) -> None:
+        try:
+            pruned = await self._repo.prune_chunks(retention_s=self.retention_s)
+        except QueueError as exc:
+            self._log.warning("token log retention failed: {}", exc.message)
+            return
+        self.stats.pruned += pruned
+        if pruned:
+            self._log.info("deleted {} logged tokens of finished requests", pruned)
+
+
+async def write_final(
+    write: Callable[[], Awaitable[None]],
+    *,
+    keep_trying: bool,
+    on_failure: Callable[[QueueError, int], None],
+    give_up_after: int = 5,
+) -> bool:
+    """Run a final row write (finish / release) until it lands.
+
+    `keep_trying`: a fully relayed stream's end is retried with backoff for as long as
+    it takes (callers shield it), because abandoning it would let another worker
+    generate the whole answer again. Other writes give up after `give_up_after`
+    attempts (the lease expires and the request is continued from the log).
+
+    Returns:
+        True when written; False when given up. `LeaseLost` and non-retryable
+        `QueueError`s propagate.
+    """
+    attempt = 0
+    while True:
+        try:
+            await write()
+            return True
+        except LeaseLost:
+            raise
+        except QueueError as exc:
+            attempt += 1
+            on_failure(exc, attempt)
+            if not exc.retryable or (not keep_trying and attempt >= give_up_after):
+                if not exc.retryable:
+                    raise
+                return False
+            await asyncio.sleep(
+                backoff_delay(attempt, base_s=FINAL_RETRY_BASE_S, cap_s=FINAL_RETRY_CAP_S)
+            )
