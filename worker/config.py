@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
+        # `NAME=` (as a copy of .env.example has it) means "not set", not an empty value:
+        # otherwise every optional number would refuse an empty string.
+        env_ignore_empty=True,
         populate_by_name=True,
         frozen=True,
     )

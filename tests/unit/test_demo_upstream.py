@@ -68,7 +68,8 @@ def test_a_copy_of_env_example_configures_no_provider(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text((ROOT / ".env.example").read_text())
     copied = Settings(_env_file=env_file)
-    assert copied.openai_api_key is not None  # an empty key, read as such
+    assert copied.openai_api_key is None  # an empty line means "not set"
+    assert copied.relay_openai_idle_timeout_s is None  # not a number it cannot parse
     assert not copied.provider_configured("openai") and not copied.provider_configured("groq")
     assert choose_upstream(copied, SIMULATOR).env == SIMULATOR
 

@@ -228,8 +228,9 @@ def test_configured_means_a_key_or_an_explicit_base_url() -> None:
     assert not settings().provider_configured("groq")
     assert settings(groq_api_key="gsk_x").provider_configured("groq")
     assert settings(groq_base_url="http://127.0.0.1:8090/openai/v1").provider_configured("groq")
-    # Explicitly set to the public address: the operator asked for it.
-    assert settings(groq_base_url="https://api.groq.com/openai/v1").provider_configured("groq")
+    # The public address without a key (what a copy of .env.example says) would be sent
+    # unauthenticated: not configured (Settings.provider_configured, the one rule).
+    assert not settings(groq_base_url="https://api.groq.com/openai/v1").provider_configured("groq")
 
 
 async def test_unconfigured_provider_is_refused_before_any_request() -> None:
