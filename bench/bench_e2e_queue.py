@@ -75,7 +75,14 @@ async def _subscriber(args: argparse.Namespace, sessions: list[str]) -> dict[str
     topics = [f"llm-token:{session}" for session in sessions]
     private: Any = {"config": {"private": True}}
     url = args.realtime_url + "/realtime/v1"
-    clients = await join_channels(url, args.token, topics, private, receipts.on_message)
+    clients = await join_channels(
+        url,
+        args.token,
+        topics,
+        private,
+        receipts.on_message,
+        joins_per_second=float(args.joins_per_second) if args.joins_per_second else None,
+    )
     print("READY", flush=True)
     states = receipts.states
     await _wait_streams(states, len(sessions), Path(args.stop), args.seconds * 4 + 900)
@@ -135,6 +142,7 @@ def _worker_env(
         "RELAY_DRAIN_TIMEOUT_S": "120",
         "RELAY_FIRST_TOKEN_TIMEOUT_S": "120",
         "RELAY_IDLE_TIMEOUT_S": "120",
+        **getattr(args, "worker_env", {}),
     }
 
 
@@ -230,7 +238,7 @@ def run_level(
     sessions_file, sub_out = tmp / f"sessions-{name}.json", tmp / f"sub-{name}.json"
     sessions_file.write_text(json.dumps(sessions))
     stop = tmp / f"sub-{name}.stop"
-    timeout = args.seconds * 6 + 900
+    timeout = getattr(args, "level_timeout_s", None) or args.seconds * 6 + 900
     log = (tmp / f"worker-{name}.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", "--worker-id", f"e2e-{streams}"],
@@ -244,6 +252,7 @@ def run_level(
             *("--sessions", str(sessions_file), "--out", str(sub_out), "--stop", str(stop)),
             *("--realtime-url", s.realtime_url, "--token", user_token(USER)),
             *("--seconds", str(args.seconds)),
+            *("--joins-per-second", str(getattr(args, "subscriber_joins_per_second", 0) or "")),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # internal: the subscriber process
     parser.add_argument("--role", choices=["subscriber"])
-    for flag in ("--sessions", "--realtime-url", "--token", "--stop"):
+    for flag in ("--sessions", "--realtime-url", "--token", "--stop", "--joins-per-second"):
         parser.add_argument(flag)
     args = parser.parse_args(argv)
     from worker.logs import configure_logging

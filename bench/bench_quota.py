@@ -52,7 +52,7 @@ CHANNELS_PER_CLIENT = 50
 class FixedBatchPublisher(Publisher):
     """Batches of 20 as they fill: no fair-share pacing (the budget is lifted too)."""
 
-    def min_interval_s(self, now: float) -> float:
+    def min_interval_s(self, now: float, *, token_rate: float | None = None) -> float:
         return 0.0
 
 

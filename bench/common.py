@@ -65,13 +65,25 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float) -> 
     raise TimeoutError(pattern)
 
 
+LIFTED_LIMITS = (
+    *("--max-joins-per-second", "100000"),
+    *("--max-concurrent-users", "100000", "--max-channels-per-client", "100000"),
+)
+
+
 @contextlib.contextmanager
 def stack(
-    text: str, *, tokens_per_second: float = 0.0, database_url: str | None = None
+    text: str,
+    *,
+    tokens_per_second: float = 0.0,
+    database_url: str | None = None,
+    real_limits: bool = False,
 ) -> Iterator[Stack]:
     """The simulated upstream and the local Realtime server, each in its own process,
     with the Realtime quotas lifted (the benches meter their own budget). With
-    `database_url` the Realtime server authorizes private channels by RLS there."""
+    `real_limits` only the message quota is lifted (a large plan's): channels per
+    socket, joins/s and connected users stay the real server's. With `database_url`
+    the Realtime server authorizes private channels by RLS there."""
     procs: list[subprocess.Popen[str]] = []
     try:
         up = subprocess.Popen(
@@ -88,8 +100,8 @@ def stack(
         rt = subprocess.Popen(
             [
                 *(sys.executable, "-m", "devstack.realtime", "--port", "0"),
-                *("--max-events-per-second", "100000000", "--max-joins-per-second", "100000"),
-                *("--max-concurrent-users", "100000", "--max-channels-per-client", "100000"),
+                *("--max-events-per-second", "100000000"),
+                *(LIFTED_LIMITS if not real_limits else ()),
                 *(("--database-url", database_url) if database_url else ()),
             ],
             stdout=subprocess.PIPE,
@@ -185,18 +197,32 @@ class Receipts:
 
 
 async def join_channels(
-    url: str, token: str, topics: list[str], params: Any, on_message: Any
+    url: str,
+    token: str,
+    topics: list[str],
+    params: Any,
+    on_message: Any,
+    *,
+    joins_per_second: float | None = None,
 ) -> list[Any]:
     """Join every topic, CHANNELS_PER_CLIENT per socket; raise unless each is SUBSCRIBED.
+    `joins_per_second` paces the joins (the project's joins/s limit, when it is on).
     Returns the clients (close them when done)."""
     from realtime import AsyncRealtimeClient
 
     clients: list[AsyncRealtimeClient] = []
+    started = time.monotonic()
+    joined_n = 0
     for start in range(0, len(topics), CHANNELS_PER_CLIENT):
         client = AsyncRealtimeClient(url, token=token)
         await client.connect()
         clients.append(client)
         for topic in topics[start : start + CHANNELS_PER_CLIENT]:
+            if joins_per_second:
+                await asyncio.sleep(
+                    max(0.0, started + joined_n / joins_per_second - time.monotonic())
+                )
+            joined_n += 1
             channel = client.channel(topic, params)
             channel.on_broadcast("*", on_message)
             joined: asyncio.Future[str] = asyncio.get_running_loop().create_future()

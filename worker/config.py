@@ -381,6 +381,34 @@ class Settings(BaseSettings):
         validation_alias=_env("RELAY_REST_FALLBACK"),
         description="Send through the REST broadcast endpoint while the socket is down.",
     )
+    relay_channels_per_connection: int = Field(
+        100,
+        ge=1,
+        validation_alias=_env("RELAY_CHANNELS_PER_CONNECTION"),
+        description="Channels the publisher joins on one Realtime socket (Realtime allows 100 "
+        "on every plan); more topics open more sockets.",
+    )
+    relay_max_connections: int = Field(
+        20,
+        ge=1,
+        validation_alias=_env("RELAY_MAX_CONNECTIONS"),
+        description="Most Realtime sockets one worker opens (each counts as a concurrent user "
+        "once it has a channel); topics beyond them go through REST.",
+    )
+    relay_joins_per_second: float = Field(
+        40.0,
+        gt=0,
+        validation_alias=_env("RELAY_JOINS_PER_SECOND"),
+        description="Channel joins per second the worker spends (Realtime's project limit is "
+        "100 on Free and counts every client's joins).",
+    )
+    relay_max_lag_s: float = Field(
+        1.0,
+        gt=0,
+        validation_alias=_env("RELAY_MAX_LAG_S"),
+        description="The worker stops claiming new requests while the relay is this far "
+        "behind (event-loop delay or oldest unsent message).",
+    )
     relay_drain_timeout_s: float = Field(
         120.0,
         gt=0,

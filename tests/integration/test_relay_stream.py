@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -144,7 +145,7 @@ async def test_cancellation_stops_the_relay(server: RealtimeServer) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.wait_for(closed.wait(), 5)
-        assert not pub._streams  # the stream no longer counts for the fair share
+        assert pub.active_streams(time.monotonic()) == 0  # no longer counts for the share
 
 
 async def test_checkpoint_failure_propagates(server: RealtimeServer) -> None:
@@ -193,7 +194,7 @@ async def test_idle_topics_leave_their_channel(server: RealtimeServer) -> None:
 
         async with asyncio.timeout(5):
             while True:
-                if not pub._lanes and not server_channels():
+                if not pub.topics and not server_channels():
                     break
                 await asyncio.sleep(0.05)
         assert pub.state.value == "connected"

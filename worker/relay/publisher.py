@@ -2,37 +2,31 @@
 
 Layers (the names tell them):
 
+- `Outbox` (`worker.relay.outbox`, pure): one topic's messages and their states
+  (queued, in flight, parked), coalescing, and every ack/failure decision.
+- `RealtimeLink` (`worker.relay.link`, I/O): one socket and its channels. Realtime
+  allows 100 channels per socket on every plan, so the publisher opens as many links
+  as its topics need (up to `relay_max_connections`) and joins channels at
+  `relay_joins_per_second` (the project's joins/s limit counts every client).
+- `RestSender` (`worker.relay.rest`, I/O): the batch endpoint, used while a topic
+  has no joined channel (socket down, join pending, no socket with room).
 - `StreamHandle`: what one stream's relay talks to. `send_tokens(batch)` and
   `send_event(event, fields)` queue a message (never block, never drop); `drain()`
   waits until every message of the stream is acknowledged.
-- `_Lane`: one per topic, one task: the one retry loop. It takes the lowest-ordered
-  ready message, waits for the messages/s budget (FIFO, so round-robin over topics),
-  coalesces queued never-sent token batches of the same stream and kind into one
-  message (batches grow while sending is blocked), and sends it:
-    * over the socket, `channel.push("broadcast", ...)` on a channel joined with
-      `broadcast.ack = true`, pipelined up to `relay_max_in_flight` unacked pushes;
-      the reply arrives through `AsyncPush.receive("ok"|"error"|"timeout")`, and our
-      own timer (`relay_ack_timeout_s`) bounds the wait;
-    * through `POST /realtime/v1/api/broadcast` (REST batch endpoint) while the
-      socket is down or the channel cannot join;
-    * not at all ("hold") while a rate-limit cool-down runs: then it waits.
-  A failure goes through `RetryPolicy`: 3 retries with backoff, then one-token
-  messages, then "parked" until the channel is back. Nothing is dropped; the client
-  drops duplicates by offset.
-- `Publisher`: owns the `AsyncRealtimeClient`, the channels, the lanes, the budget,
-  and the supervisor task, which never gives up:
-    * realtime-py's own reconnect loop (auto_reconnect) runs inside its unsupervised
-      listen task, stops for good after 5 tries and rejoins channels immediately
-      (ignoring the 30 s rate-limit delay); so we create the client with
-      `auto_reconnect=False` and the supervisor calls its `connect()` with our
-      backoff, forever, and replaces the client with a fresh one after every
-      `CLIENT_RECREATE_AFTER` consecutive failures or when the socket looks dead
-      (acks stop while pushes time out);
-    * a channel the server closed (system error + `phx_close`: realtime-py removes it
-      and never rejoins) is created and subscribed again, after
-      `relay_rate_limit_rejoin_s` when the reason was a rate limit;
-    * pushes in flight on a socket or channel that went away are failed at once
-      (their replies can never come) and go through the retry policy.
+- `Publisher`: owns the links, the outboxes, the budget, one sender task per topic
+  (take the next message of the outbox, wait for the messages/s budget, send it,
+  pipelined up to `relay_max_in_flight` unacked pushes), and the supervisor (assign
+  topics to links, pace joins, leave the channels of finished streams at once).
+
+Liveness is the server's word: a link is down when its socket closes (close frame,
+or the websockets keepalive when pings go unanswered). An ack that is late because
+our loop is busy only makes that one message time out and go again (its timer
+allows for the measured loop delay); it never replaces the socket.
+
+Overload: the publisher measures its lag (`lag_s`: event-loop delay, or the age of
+the oldest never-sent message). While the loop is late, streams flush less often
+(`min_interval_s`) and queued batches are coalesced, so messages per token fall as
+load rises; `behind` tells the worker to stop claiming new requests.
 
 State is `PublisherState`, changed only through `_set_state`, which logs transitions.
 """
@@ -40,53 +34,61 @@ State is `PublisherState`, changed only through `_set_state`, which logs transit
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import enum
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
-import httpx
 from loguru import logger
 from pydantic import SecretStr
-from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
-from realtime.types import RealtimeAcknowledgementStatus, RealtimeChannelOptions
+from realtime import AsyncRealtimeChannel, RealtimeSubscribeStates
+from realtime.types import RealtimeAcknowledgementStatus
 
-from worker.backoff import backoff_delay
 from worker.config import Settings
 from worker.errors import ConfigError, PublishError
 from worker.relay import metrics
 from worker.relay.batcher import Batch
-from worker.relay.budget import MessageBudget
+from worker.relay.budget import MessageBudget, TokenBucket
+from worker.relay.link import RealtimeLink, reason_of
+from worker.relay.outbox import Failure, Message, Outbox, StreamLedger, StreamStats
+from worker.relay.rest import RestMessage, RestSender
 from worker.relay.retry import Action, RetryPolicy
-from worker.relay.wire import EVENT_TOKEN, WIRE_VERSION, TokenMessage
+from worker.relay.wire import EVENT_TOKEN, TokenMessage
 
-CLIENT_RECREATE_AFTER = 5  # consecutive connect failures (realtime-py's own give-up point)
 SUPERVISE_TICK_S = 0.1
 ACTIVE_WINDOW_S = 2.0  # a stream counts for the fair share this long after its last token
-# A topic with no open stream and nothing queued leaves its channel after this long:
-# Realtime allows 100 channels per socket, and every session has its own topic.
-TOPIC_LINGER_S = 10.0
-DEAD_SOCKET_TIMEOUTS = 3  # consecutive ack timeouts, no ok in between, before a new client
+# A topic with no open stream and nothing queued leaves its channel after this long
+# (0: right after the stream's last ack; a new stream on the topic joins again).
+TOPIC_LINGER_S = 0.0
+JOIN_BURST_S = 0.25  # join bucket capacity, in seconds of rate
+LAG_TICK_S = 0.05  # the loop-delay probe's period
+LAG_DECAY = 0.9  # per probe: the measured delay decays, so one hiccup fades in ~1 s
+OVERLOAD_MIN_LAG_S = 0.02  # loop delay from which streams flush less often
+# While the loop is late, all streams together flush about this often, so the cost of
+# messages stays bounded as streams are added (tokens per message grow instead) ...
+OVERLOAD_MESSAGES_PER_S = 250.0
+# ... and each message carries about this many tokens of its stream, however slowly
+# the starved loop reads them (tokens per message must grow with load, never shrink) ...
+OVERLOAD_TOKENS_PER_MESSAGE = 10.0
+OVERLOAD_MAX_INTERVAL_S = 5.0  # ... but no stream waits longer than this to flush
+RATE_WINDOW_S = 1.0  # a stream's token rate is measured over windows this long
+ACK_TIMER_MAX_EXTENSIONS = 3  # a late loop extends an ack timer at most this often
+TIMER_LATE_SHARE = 0.2  # an ack timer firing this share of the timeout late: the loop lagged
 RATE_LIMIT_MESSAGES = ("Too many messages per second",)
+CHANNEL_LIMIT_CODE = "ChannelRateLimitReached"
 RATE_LIMIT_JOIN_CODES = (
-    "ChannelRateLimitReached",
     "ConnectionRateLimitReached",
     "ClientJoinRateLimitReached",
     "DatabaseConnectionRateLimitReached",
 )
 
-# Failures of the path, not of the message (see `_Lane._failed`).
-PATH_FAILURES = frozenset({"disconnected", "channel_closed", "channel_error"})
-
-BUDGET_WAIT_MERGE_S = 0.005  # a budget wait longer than this lets the lane merge batches
-
 Route = Literal["ws", "rest", "hold"]
 log = logger.bind(event="relay.publisher")
+
+__all__ = ["Publisher", "PublisherState", "StreamHandle", "StreamStats", "reason_of"]
 
 
 class PublisherState(enum.Enum):
@@ -98,55 +100,36 @@ class PublisherState(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(eq=False)
-class _Item:
-    """One message to deliver. `payload` is frozen at its first transmission."""
-
-    order: tuple[int, ...]
-    handle: StreamHandle
-    event: str
-    fields: dict[str, Any]
-    token: TokenMessage | None = None  # llm-token messages, before their seq is fixed
-    payload: dict[str, Any] | None = None
-    failures: int = 0
-    is_piece: bool = False
-    parked: bool = False
-    not_before: float = 0.0
-    attempt: int = 0  # transmissions so far; replies of older ones are ignored
-    in_flight: bool = False
-    sent_at: float = 0.0
-    settle_timer: asyncio.TimerHandle | None = None
-    push: Any = None
-
-    @property
-    def splittable(self) -> bool:
-        return self.token is not None and len(self.token.tokens) > 1
-
-
-@dataclass
-class StreamStats:
-    messages: int = 0  # first transmissions
-    retries: int = 0
-    fallbacks: int = 0
-    parked: int = 0
-    rest_messages: int = 0
-    coalesced: int = 0
-
-
 class StreamHandle:
     """One stream's door to the publisher (see `Publisher.stream`)."""
 
-    def __init__(self, publisher: Publisher, topic: str, stream_id: str, start_seq: int) -> None:
+    def __init__(self, publisher: Publisher, topic: str, ledger: StreamLedger) -> None:
         self._publisher = publisher
         self.topic = topic
-        self.stream_id = stream_id
-        self.next_seq = start_seq
-        self.outstanding = 0
-        self.stats = StreamStats()
+        self.ledger = ledger
         self.last_activity = float("-inf")
+        self.token_rate: float | None = None  # tokens/s, measured once a window passed
+        self._window_start = time.monotonic()
+        self._window_tokens = 0
+        self.closed = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.closed = False
+
+    @property
+    def stream_id(self) -> str:
+        return self.ledger.stream_id
+
+    @property
+    def next_seq(self) -> int:
+        return self.ledger.next_seq
+
+    @property
+    def outstanding(self) -> int:
+        return self.ledger.outstanding
+
+    @property
+    def stats(self) -> StreamStats:
+        return self.ledger.stats
 
     # --- sending ---
 
@@ -154,18 +137,25 @@ class StreamHandle:
         """Queue one batch as an `llm-token` message (seq fixed at first transmission)."""
         metrics.TOKENS.labels(batch.kind).inc(len(batch.tokens))
         token = TokenMessage(self.stream_id, -1, batch.offset, batch.kind, batch.tokens)
-        self._publisher._enqueue(self, EVENT_TOKEN, {}, token)
+        self._publisher.enqueue(self, EVENT_TOKEN, {}, token)
+        self._idle.clear()
 
     def send_event(self, event: str, fields: dict[str, Any]) -> None:
         """Queue a control event; `v`, `stream` and `seq` are added at first transmission."""
-        self._publisher._enqueue(self, event, dict(fields), None)
+        self._publisher.enqueue(self, event, dict(fields), None)
+        self._idle.clear()
+
+    def progressed(self) -> None:
+        """Called by the publisher when one of this stream's messages settled."""
+        if self.ledger.outstanding <= 0:
+            self._idle.set()
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait until every queued message of this stream is acknowledged."""
         try:
             async with asyncio.timeout(timeout_s):
                 while self.outstanding:
-                    self._publisher._raise_if_failed()
+                    self._publisher.raise_if_failed()
                     if self._publisher.state is PublisherState.CLOSED:
                         raise PublishError(
                             "publisher closed with messages unacknowledged",
@@ -186,364 +176,49 @@ class StreamHandle:
     # --- fair share ---
 
     def note_activity(self, now: float) -> None:
+        """One token arrived (feeds the fair share and this stream's measured rate)."""
         self.last_activity = now
+        self._window_tokens += 1
+        elapsed = now - self._window_start
+        if elapsed >= RATE_WINDOW_S:
+            self.token_rate = self._window_tokens / elapsed
+            self._window_start, self._window_tokens = now, 0
 
     def min_interval_s(self, now: float) -> float:
-        """Flush pacing for this stream's batcher: its fair share of the budget."""
-        return self._publisher.min_interval_s(now)
+        """Flush pacing for this stream's batcher: budget share, or longer under overload."""
+        return self._publisher.min_interval_s(now, token_rate=self.token_rate)
 
     @property
     def unsent(self) -> int:
-        return self._publisher._unsent(self)
+        return self._publisher.unsent(self)
 
     def close(self) -> None:
-        """Stop counting this stream for the fair share; queued messages still go out."""
-        self.closed = True
-        self._publisher._streams.discard(self)
-
-    # --- called by the lane ---
-
-    def _take_seq(self) -> int:
-        seq = self.next_seq
-        self.next_seq += 1
-        self.stats.messages += 1
-        return seq
-
-    def _done_one(self) -> None:
-        self.outstanding -= 1
-        if self.outstanding <= 0:
-            self.outstanding = 0
-            self._idle.set()
+        """Stop counting this stream; queued messages still go out, then the topic retires."""
+        if not self.closed:
+            self.closed = True
+            self._publisher.release(self)
 
 
-class _Lane:
-    """One topic's ordered sender: the one retry loop (see module docstring)."""
-
-    def __init__(self, publisher: Publisher, topic: str) -> None:
-        self.pub = publisher
-        self.topic = topic
-        self.pending: list[_Item] = []  # sorted by order, not in flight
-        self.in_flight: set[_Item] = set()
-        self.wake = asyncio.Event()
-        self.counter = 0
-        self.log = log.bind(topic=topic)
-        self.task: asyncio.Task[None] | None = None
-        self.last_activity = time.monotonic()
-
-    # --- queue ---
-
-    def add(self, item: _Item) -> None:
-        self.last_activity = time.monotonic()
-        bisect.insort(self.pending, item, key=lambda it: it.order)
-        self.wake.set()
-
-    def next_order(self) -> tuple[int, ...]:
-        self.counter += 1
-        return (self.counter, 0)
-
-    def _ready(self, now: float) -> _Item | None:
-        for item in self.pending:
-            if item.not_before <= now:
-                return item
-        return None
-
-    def _next_wake_in(self, now: float) -> float:
-        waits = [it.not_before - now for it in self.pending]
-        return max(0.0, min(waits)) if waits else 1.0
-
-    # --- the loop ---
-
-    async def run(self) -> None:
-        held_since: float | None = None
-        while True:
-            item = await self._wait_ready()
-            route = self.pub._route(self.topic)
-            if route == "hold":
-                held_since = held_since or time.monotonic()
-                await self._sleep(SUPERVISE_TICK_S)
-                continue
-            waited = await self.pub.budget.acquire()
-            route = self.pub._route(self.topic)
-            if route == "hold":
-                continue
-            now = time.monotonic()
-            # Merge queued batches only when sending was really blocked (budget, outage,
-            # REST); a join taking a few ms must not change the batches' shape.
-            blocked = (
-                waited > BUDGET_WAIT_MERGE_S
-                or route == "rest"
-                or (
-                    held_since is not None
-                    and now - held_since >= self.pub.settings.relay_ack_timeout_s
-                )
-            )
-            held_since = None
-            # While we waited, an earlier message may have become ready again.
-            item = self._ready(now) or item
-            if blocked:
-                item = self._coalesce(item)
-            self.pending.remove(item)
-            if route == "ws":
-                await self._send_ws(item)
-            else:
-                await self._send_rest(item)
-
-    async def _sleep(self, seconds: float) -> None:
-        self.wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self.wake.wait()
-
-    async def _wait_ready(self) -> _Item:
-        while True:
-            now = time.monotonic()
-            if len(self.in_flight) >= self.pub.settings.relay_max_in_flight:
-                # Window full: the next ack or failure sets `wake`.
-                await self._sleep(self.pub.settings.relay_ack_timeout_s)
-                continue
-            item = self._ready(now)
-            if item is not None:
-                return item
-            await self._sleep(self._next_wake_in(now) if self.pending else 1.0)
-
-    def _coalesce(self, first: _Item) -> _Item:
-        """Merge the never-sent token batches queued right after `first` into it."""
-        if (
-            first.token is None
-            or first.payload is not None
-            or first.is_piece
-            or not self.pub.settings.relay_adaptive_batching
-        ):
-            return first
-        start = self.pending.index(first)
-        tokens = list(first.token.tokens)
-        size = sum(len(t.encode("utf-8")) for t in tokens)
-        end = first.token.end_offset
-        merged: list[_Item] = []
-        for nxt in self.pending[start + 1 :]:
-            tok = nxt.token
-            if (
-                tok is None
-                or nxt.payload is not None
-                or nxt.is_piece
-                or nxt.handle is not first.handle
-                or tok.kind != first.token.kind
-                or tok.offset != end
-            ):
-                break
-            extra = sum(len(t.encode("utf-8")) for t in tok.tokens)
-            if size + extra > self.pub.settings.relay_max_message_bytes:
-                break
-            tokens.extend(tok.tokens)
-            size += extra
-            end = tok.end_offset
-            merged.append(nxt)
-        if not merged:
-            return first
-        for nxt in merged:
-            self.pending.remove(nxt)
-            metrics.BACKLOG.dec()
-            first.handle._done_one()
-            first.handle.stats.coalesced += 1
-        first.token = TokenMessage(
-            first.token.stream, -1, first.token.offset, first.token.kind, tuple(tokens)
-        )
-        return first
-
-    def _freeze(self, item: _Item) -> dict[str, Any]:
-        if item.payload is None:
-            seq = item.handle._take_seq()
-            if item.token is not None:
-                item.token = TokenMessage(
-                    item.token.stream,
-                    seq,
-                    item.token.offset,
-                    item.token.kind,
-                    item.token.tokens,
-                )
-                item.payload = item.token.to_payload()
-                metrics.TOKENS_PER_MESSAGE.observe(len(item.token.tokens))
-            else:
-                item.payload = {
-                    "v": WIRE_VERSION,
-                    "stream": item.handle.stream_id,
-                    "seq": seq,
-                    **item.fields,
-                }
-        return item.payload
-
-    # --- socket path ---
-
-    async def _send_ws(self, item: _Item) -> None:
-        channel = self.pub._topics[self.topic].channel
-        if channel is None:
-            self._failed(item, "disconnected")
-            return
-        payload = self._freeze(item)
-        item.attempt += 1
-        attempt = item.attempt
-        item.in_flight = True
-        item.sent_at = time.monotonic()
-        self.in_flight.add(item)
-        self.pub.max_in_flight_seen = max(self.pub.max_in_flight_seen, len(self.in_flight))
-        try:
-            push = await channel.push(
-                "broadcast",
-                {"type": "broadcast", "event": item.event, "payload": payload},
-                self.pub._push_timeout_s,
-            )
-        except Exception as exc:  # realtime-py raises bare Exceptions; the retry handles all
-            self.log.opt(exception=exc).debug("push raised: {}", type(exc).__name__)
-            self._settle(item, attempt, "error", None)
-            return
-        item.push = push
-
-        def on_ok(_response: object) -> None:
-            self._settle(item, attempt, "ok", None)
-
-        def on_error(response: object) -> None:
-            self._settle(item, attempt, "error", response)
-
-        def on_timeout() -> None:
-            self._settle(item, attempt, "timeout", None)
-
-        push.receive(RealtimeAcknowledgementStatus.Ok, on_ok)
-        push.receive(RealtimeAcknowledgementStatus.Error, on_error)
-        push.receive(RealtimeAcknowledgementStatus.Timeout, on_timeout)
-        if item.in_flight and item.attempt == attempt:
-            item.settle_timer = asyncio.get_running_loop().call_later(
-                self.pub.settings.relay_ack_timeout_s, on_timeout
-            )
-
-    def _settle(self, item: _Item, attempt: int, outcome: str, response: object) -> None:
-        if not item.in_flight or item.attempt != attempt:
-            return  # a reply to an older transmission, or already settled
-        item.in_flight = False
-        self.in_flight.discard(item)
-        if item.settle_timer is not None:
-            item.settle_timer.cancel()
-            item.settle_timer = None
-        push = item.push
-        item.push = None
-        if outcome == "ok":
-            metrics.ACK_SECONDS.observe(time.monotonic() - item.sent_at)
-            self.pub._on_ack_ok()
-            self._delivered(item, "ws")
-            return
-        if push is not None:
-            push.destroy()
-            if push.ref is not None:
-                push.channel.messages_waiting_for_ack.pop(push.ref, None)
-        if outcome == "timeout":
-            self.pub._on_ack_timeout()
-        else:
-            self.log.debug("ack error: {}", response)
-        self._failed(item, outcome)
-
-    def fail_in_flight(self, reason: str) -> None:
-        """The socket or channel went away: replies can never come."""
-        for item in list(self.in_flight):
-            self._settle(item, item.attempt, reason, None)
-
-    def abandon_in_flight(self) -> None:
-        """At close: stop the timers of unacked pushes (they stay counted as outstanding)."""
-        for item in self.in_flight:
-            if item.settle_timer is not None:
-                item.settle_timer.cancel()
-            if item.push is not None:
-                item.push.destroy()
-            item.in_flight = False
-        self.in_flight.clear()
-
-    # --- REST path ---
-
-    async def _send_rest(self, item: _Item) -> None:
-        payload = self._freeze(item)
-        ok = await self.pub._rest_send(self.topic, item.event, payload)
-        if ok:
-            item.handle.stats.rest_messages += 1
-            self._delivered(item, "rest")
-        else:
-            self._failed(item, "rest")
-
-    # --- outcomes ---
-
-    def _delivered(self, item: _Item, route: str) -> None:
-        self.last_activity = time.monotonic()
-        metrics.MESSAGES.labels(item.event, route).inc()
-        metrics.BACKLOG.dec()
-        item.handle._done_one()
-        self.wake.set()
-
-    def _failed(self, item: _Item, reason: str) -> None:
-        metrics.FLUSH_FAILURES.labels(reason).inc()
-        if reason in PATH_FAILURES:
-            # The socket or channel went away under the message: nothing is wrong with
-            # the message itself, so it does not count towards the fallback. It goes
-            # again at once, by whatever route is open (REST, or after the rejoin).
-            item.not_before = 0.0
-            self.add(item)
-            return
-        item.failures += 1
-        decision = self.pub.policy.on_failure(
-            item.failures, splittable=item.splittable, is_piece=item.is_piece
-        )
-        now = time.monotonic()
-        stats = item.handle.stats
-        if decision.action is Action.SPLIT:
-            assert item.token is not None
-            stats.fallbacks += 1
-            metrics.FALLBACKS.inc()
-            self.log.warning(
-                "batch at offset {} failed {} times: token-by-token fallback",
-                item.token.offset,
-                item.failures,
-            )
-            self._split(item)
-            return
-        item.not_before = now + decision.delay_s
-        if decision.action is Action.RETRY:
-            stats.retries += 1
-            metrics.RETRIES.inc()
-        elif not item.parked:
-            item.parked = True
-            stats.parked += 1
-            metrics.PARKED.inc()
-        self.add(item)
-
-    def _split(self, item: _Item) -> None:
-        assert item.token is not None
-        tok = item.token
-        for i, text in enumerate(tok.tokens):
-            piece = _Item(
-                order=(*item.order, i),
-                handle=item.handle,
-                event=EVENT_TOKEN,
-                fields={},
-                token=TokenMessage(tok.stream, -1, tok.offset + i, tok.kind, (text,)),
-                is_piece=True,
-            )
-            self.add(piece)
-        n = len(tok.tokens)
-        item.handle.outstanding += n - 1
-        metrics.BACKLOG.inc(n - 1)
-
-    def channel_up(self) -> None:
-        """The channel is (re)joined: parked messages go out again, in order, now."""
-        for item in self.pending:
-            if item.parked:
-                item.not_before = 0.0
-        self.wake.set()
+@dataclass(eq=False)
+class _Push:
+    attempt: int
+    push: Any
+    timer: asyncio.TimerHandle | None = None
+    extensions: int = 0
 
 
-@dataclass
-class _TopicState:
-    channel: AsyncRealtimeChannel | None = None
-    join_task: asyncio.Task[None] | None = None
-    down_since: float = field(default_factory=time.monotonic)
-    rejoin_not_before: float = 0.0
+@dataclass(eq=False)
+class _Topic:
+    name: str
+    outbox: Outbox
+    down_since: float
+    last_activity: float
+    link: RealtimeLink | None = None
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     hold_until: float = 0.0
-    closed_reason: str = ""
+    handles: set[StreamHandle] = field(default_factory=set)
+    pushes: dict[Message, _Push] = field(default_factory=dict)
 
 
 class Publisher:
@@ -573,23 +248,29 @@ class Publisher:
             base_s=settings.relay_retry_base_ms / 1000,
             cap_s=settings.relay_retry_cap_s,
         )
-        self._push_timeout_s = math.ceil(settings.relay_ack_timeout_s) + 1
-        self._rest_url = settings.realtime_url + "/api/broadcast"
+        # realtime-py's own push timeout stays behind ours (which allows for loop delay).
+        self._push_timeout_s = math.ceil(settings.relay_ack_timeout_s * 4) + 1
+        self._rest = RestSender(
+            settings.realtime_url,
+            key,
+            timeout_s=settings.relay_ack_timeout_s,
+            private=settings.relay_private_channels,
+        )
+        rate = settings.relay_joins_per_second
+        self._joins = TokenBucket(rate, max(1.0, rate * JOIN_BURST_S), time.monotonic())
         self.state = PublisherState.IDLE
-        self._client: AsyncRealtimeClient | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._links: list[RealtimeLink] = []
+        self._link_tasks: list[asyncio.Task[None]] = []
+        self._topics: dict[str, _Topic] = {}
+        self._handles: dict[StreamLedger, StreamHandle] = {}
         self._supervisor: asyncio.Task[None] | None = None
-        self._lanes: dict[str, _Lane] = {}
-        self._topics: dict[str, _TopicState] = {}
-        self._streams: set[StreamHandle] = set()
+        self._lag_watch: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._join_hold_until = 0.0
-        self._timeouts_in_a_row = 0
-        self._last_ok = time.monotonic()
         self._failure: BaseException | None = None
-        self.reconnections = 0
-        self.clients_created = 0
+        self._oldest_unsent_s = 0.0
+        self.loop_lag_s = 0.0
         self.max_in_flight_seen = 0  # pipelining depth reached on any topic
         self.topic_linger_s = TOPIC_LINGER_S
 
@@ -608,42 +289,44 @@ class Publisher:
         await self.close()
 
     async def start(self) -> None:
-        """Start the supervisor; it connects in the background (sends queue meanwhile)."""
+        """Start the supervisor; links connect in the background (sends queue meanwhile)."""
         if self._supervisor is not None:
             return
-        self._http = httpx.AsyncClient(timeout=self.settings.relay_ack_timeout_s)
-        self._client = self._new_client()
+        await self._rest.start()
         # Streams may register (and queue) before the supervisor task first runs.
         self._set_state(PublisherState.CONNECTING)
+        self._add_link()
         self._supervisor = self._spawn(self._supervise(), "relay-publisher-supervisor")
+        self._lag_watch = self._spawn(self._watch_lag(), "relay-publisher-lag")
 
     async def wait_connected(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
             await self._connected.wait()
 
     async def close(self, grace_s: float = 5.0) -> None:
-        """Deliver what is queued (up to `grace_s`), then stop tasks and the client."""
+        """Deliver what is queued (up to `grace_s`), then stop tasks and the links."""
         if self.state in (PublisherState.CLOSING, PublisherState.CLOSED):
             return
         self._set_state(PublisherState.CLOSING)
         with contextlib.suppress(TimeoutError, PublishError):
             async with asyncio.timeout(grace_s):
-                while any(lane.pending or lane.in_flight for lane in self._lanes.values()):
-                    self._raise_if_failed()
+                while any(not t.outbox.empty for t in self._topics.values()):
+                    self.raise_if_failed()
                     await asyncio.sleep(0.02)
-        for lane in self._lanes.values():
-            lane.abandon_in_flight()
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
-        tasks += [t.join_task for t in self._topics.values() if t.join_task is not None]
-        if self._supervisor is not None:
-            tasks.append(self._supervisor)
+        tasks = [t.task for t in self._topics.values() if t.task is not None]
+        for t in self._topics.values():
+            for entry in t.pushes.values():
+                _forget_push(entry)
+            t.pushes.clear()
+            t.outbox.abandon_in_flight()
+        tasks += [x for x in (self._supervisor, self._lag_watch) if x is not None]
+        tasks += self._link_tasks
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._close_client(self._client)
-        if self._http is not None:
-            await self._http.aclose()
+        for link in self._links:
+            await link.close()
+        await self._rest.close()
         self._set_state(PublisherState.CLOSED)
 
     # --- health, for the worker (it supervises `supervised()` and asks `ready()`) ---
@@ -657,7 +340,7 @@ class Publisher:
         died or the supervisor stopped, so the worker stops loudly instead of
         queueing into a publisher that no longer delivers."""
         while True:
-            self._raise_if_failed()
+            self.raise_if_failed()
             supervisor = self._supervisor
             if supervisor is None or supervisor.done():
                 raise PublishError("the publisher's supervisor is not running", reason="internal")
@@ -677,7 +360,7 @@ class Publisher:
             log.opt(exception=exc).error("publisher task {} died", task.get_name())
             self._failure = exc
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         if self._failure is not None:
             raise PublishError(f"publisher failed: {self._failure!r}", reason="internal")
 
@@ -692,26 +375,72 @@ class Publisher:
         else:
             self._connected.clear()
 
+    def _refresh_state(self) -> None:
+        if self.state in (PublisherState.CLOSING, PublisherState.CLOSED):
+            return
+        if all(link.connected for link in self._links):
+            self._set_state(PublisherState.CONNECTED)
+        elif self.state is PublisherState.CONNECTED:
+            self._set_state(PublisherState.DISCONNECTED)
+
+    # --- public figures ---
+
+    @property
+    def reconnections(self) -> int:
+        return sum(link.reconnections for link in self._links)
+
+    @property
+    def clients_created(self) -> int:
+        return sum(link.clients_created for link in self._links)
+
+    @property
+    def links(self) -> int:
+        """Realtime sockets opened so far."""
+        return len(self._links)
+
+    @property
+    def topics(self) -> list[str]:
+        """Topics with a sender (open streams, or messages not yet acknowledged)."""
+        return list(self._topics)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._handles)
+
+    @property
+    def lag_s(self) -> float:
+        """How far behind the publisher is: loop delay or the oldest unsent message."""
+        return max(self.loop_lag_s, self._oldest_unsent_s)
+
+    @property
+    def behind(self) -> bool:
+        """True while `lag_s` exceeds `relay_max_lag_s` (stop taking new streams)."""
+        return self.lag_s > self.settings.relay_max_lag_s
+
     def describe(self) -> dict[str, Any]:
-        """Diagnostics: state, and per topic the channel and the queue (no payloads)."""
+        """Diagnostics: state, links, and per topic the route and the queue (no payloads)."""
         now = time.monotonic()
         topics: dict[str, Any] = {}
-        for topic, lane in self._lanes.items():
-            st = self._topics[topic]
-            topics[topic] = {
-                "route": self._route(topic),
-                "channel": None if st.channel is None else st.channel.state.value,
-                "pending": len(lane.pending),
-                "parked": sum(1 for it in lane.pending if it.parked),
-                "in_flight": len(lane.in_flight),
-                "next_ready_in_s": round(lane._next_wake_in(now), 3) if lane.pending else None,
-                "lane_alive": lane.task is not None and not lane.task.done(),
+        for name, t in self._topics.items():
+            topics[name] = {
+                "route": self._route(t, now),
+                "link": None if t.link is None else t.link.name,
+                "channel": None if t.link is None else t.link.describe(name),
+                "pending": t.outbox.pending,
+                "parked": t.outbox.parked,
+                "in_flight": t.outbox.in_flight,
+                "next_ready_in_s": t.outbox.next_ready_in(now),
+                "sender_alive": t.task is not None and not t.task.done(),
             }
         return {
             "state": self.state.value,
-            "connected": self._client is not None and self._client.is_connected,
+            "links": [
+                {"name": k.name, "state": k.state.value, "channels": k.occupancy}
+                for k in self._links
+            ],
             "reconnections": self.reconnections,
             "clients_created": self.clients_created,
+            "lag_s": round(self.lag_s, 3),
             "topics": topics,
         }
 
@@ -721,331 +450,414 @@ class Publisher:
         """Register one stream on `topic` (sub-topic, without `realtime:`)."""
         if self.state in (PublisherState.CLOSING, PublisherState.CLOSED, PublisherState.IDLE):
             raise PublishError(f"publisher is {self.state.value}", topic=topic)
-        handle = StreamHandle(self, topic, stream_id, start_seq)
-        self._streams.add(handle)
-        self._lane(topic)
+        handle = StreamHandle(self, topic, StreamLedger(stream_id, next_seq=start_seq))
+        t = self._topic(topic)
+        t.handles.add(handle)
+        self._handles[handle.ledger] = handle
         return handle
 
+    def release(self, handle: StreamHandle) -> None:
+        """The stream ended: it no longer counts; its topic retires once acknowledged."""
+        t = self._topics.get(handle.topic)
+        if t is not None:
+            t.handles.discard(handle)
+            t.last_activity = time.monotonic()
+        if handle.outstanding <= 0:
+            self._handles.pop(handle.ledger, None)
+        self._wake.set()
+
     def active_streams(self, now: float) -> int:
-        return sum(1 for h in self._streams if now - h.last_activity <= ACTIVE_WINDOW_S)
-
-    def min_interval_s(self, now: float) -> float:
-        return self.budget.min_interval_s(max(1, self.active_streams(now)), now)
-
-    def _lane(self, topic: str) -> _Lane:
-        lane = self._lanes.get(topic)
-        if lane is None:
-            lane = self._lanes[topic] = _Lane(self, topic)
-            self._topics[topic] = _TopicState()
-            lane.task = self._spawn(lane.run(), f"relay-lane:{topic}")
-            self._wake.set()
-        return lane
-
-    def _enqueue(
-        self, handle: StreamHandle, event: str, fields: dict[str, Any], token: TokenMessage | None
-    ) -> None:
-        self._raise_if_failed()
-        lane = self._lane(handle.topic)
-        handle.outstanding += 1
-        handle._idle.clear()
-        metrics.BACKLOG.inc()
-        lane.add(
-            _Item(order=lane.next_order(), handle=handle, event=event, fields=fields, token=token)
+        return sum(
+            1
+            for h in self._handles.values()
+            if not h.closed and now - h.last_activity <= ACTIVE_WINDOW_S
         )
 
-    def _unsent(self, handle: StreamHandle) -> int:
-        lane = self._lanes.get(handle.topic)
-        if lane is None:
-            return 0
-        return sum(1 for it in lane.pending if it.handle is handle and it.payload is None)
+    def min_interval_s(self, now: float, *, token_rate: float | None = None) -> float:
+        """Shortest flush interval of a stream (reading `token_rate` tokens/s).
+
+        The budget's fair share; while the loop is late, also long enough that all
+        streams together send ~OVERLOAD_MESSAGES_PER_S and each message carries
+        ~OVERLOAD_TOKENS_PER_MESSAGE tokens (capped at OVERLOAD_MAX_INTERVAL_S).
+        """
+        active = self.active_streams(now)
+        budget = self.budget.min_interval_s(max(1, active), now)
+        overload = 0.0
+        if self.loop_lag_s >= OVERLOAD_MIN_LAG_S:
+            share = active / OVERLOAD_MESSAGES_PER_S
+            fill = OVERLOAD_TOKENS_PER_MESSAGE / token_rate if token_rate else 0.0
+            overload = min(OVERLOAD_MAX_INTERVAL_S, max(2 * self.loop_lag_s, share, fill))
+        return max(budget, overload)
+
+    def enqueue(
+        self, handle: StreamHandle, event: str, fields: dict[str, Any], token: TokenMessage | None
+    ) -> None:
+        self.raise_if_failed()
+        t = self._topic(handle.topic)
+        now = time.monotonic()
+        t.last_activity = now
+        t.outbox.enqueue(handle.ledger, event, fields, token, now)
+        t.wake.set()
+
+    def unsent(self, handle: StreamHandle) -> int:
+        t = self._topics.get(handle.topic)
+        return 0 if t is None else t.outbox.unsent(handle.ledger)
+
+    def _topic(self, name: str) -> _Topic:
+        t = self._topics.get(name)
+        if t is None:
+            now = time.monotonic()
+            outbox = Outbox(
+                self.policy,
+                max_message_bytes=self.settings.relay_max_message_bytes,
+                coalesce=self.settings.relay_adaptive_batching,
+            )
+            t = self._topics[name] = _Topic(name, outbox, down_since=now, last_activity=now)
+            t.task = self._spawn(self._send_loop(t), f"relay-sender:{name}")
+            self._wake.set()
+        return t
 
     # --- routing ---
 
-    def _route(self, topic: str) -> Route:
-        now = time.monotonic()
-        state = self._topics[topic]
-        if now < state.hold_until:
+    def _route(self, t: _Topic, now: float) -> Route:
+        if now < t.hold_until:
             return "hold"
-        client = self._client
-        channel = state.channel
-        connected = client is not None and client.is_connected
-        if (
-            connected
-            and channel is not None
-            and channel.is_joined
-            and client is not None
-            and client.channels.get(channel.topic) is channel
-        ):
+        link = t.link
+        if link is not None and link.channel_for(t.name) is not None:
             return "ws"
         if not self.settings.relay_rest_fallback:
             return "hold"
-        # A join normally takes milliseconds: wait for it rather than mix paths.
-        if not connected or now - state.down_since > self.settings.relay_ack_timeout_s:
+        # A join normally takes milliseconds: wait for one under way rather than mix
+        # paths; but one still queued behind the joins/s pacing may take seconds.
+        if link is None or not link.connected or not link.join_started(t.name):
+            return "rest"
+        if now - t.down_since > self.settings.relay_ack_timeout_s:
             return "rest"
         return "hold"
 
-    async def _rest_send(self, topic: str, event: str, payload: dict[str, Any]) -> bool:
-        assert self._http is not None
-        body = {
-            "messages": [
-                {
-                    "topic": topic,
-                    "event": event,
-                    "payload": payload,
-                    "private": self.settings.relay_private_channels,
-                }
-            ]
-        }
-        headers = {"apikey": self._api_key, "Authorization": f"Bearer {self._api_key}"}
+    # --- one topic's sender ---
+
+    async def _send_loop(self, t: _Topic) -> None:
+        max_in_flight = self.settings.relay_max_in_flight
+        while True:
+            now = time.monotonic()
+            if t.outbox.in_flight >= max_in_flight:
+                await _sleep(t.wake, self.settings.relay_ack_timeout_s)  # an ack wakes us
+                continue
+            if t.outbox.ready(now) is None:
+                await _sleep(t.wake, t.outbox.next_ready_in(now) or 1.0)
+                continue
+            if self._route(t, now) == "hold":
+                await _sleep(t.wake, SUPERVISE_TICK_S)
+                continue
+            await self.budget.acquire()
+            now = time.monotonic()
+            route = self._route(t, now)
+            if route == "hold":
+                continue  # the budget unit is lost: rare (a hold began while waiting)
+            msg = t.outbox.take(now)  # coalesces what queued meanwhile
+            if msg is None:
+                continue
+            if route == "ws":
+                await self._send_ws(t, msg)
+            else:
+                await self._send_rest(t, msg)
+
+    async def _send_ws(self, t: _Topic, msg: Message) -> None:
+        assert msg.payload is not None
+        attempt = msg.attempt
+        channel = None if t.link is None else t.link.channel_for(t.name)
+        if channel is None:
+            self._settle(t, msg, attempt, "disconnected")
+            return
+        self._count_first_send(msg)
+        self.max_in_flight_seen = max(self.max_in_flight_seen, t.outbox.in_flight)
         try:
-            response = await self._http.post(self._rest_url, json=body, headers=headers)
-        except httpx.HTTPError as exc:
-            metrics.REST_SENDS.labels("error").inc()
-            log.debug("REST broadcast failed: {}", type(exc).__name__)
-            return False
-        if response.status_code == 202:
-            metrics.REST_SENDS.labels("ok").inc()
-            return True
-        metrics.REST_SENDS.labels("error").inc()
-        if response.status_code == 429:
+            push = await channel.push(
+                "broadcast",
+                {"type": "broadcast", "event": msg.event, "payload": msg.payload},
+                self._push_timeout_s,
+            )
+        except Exception as exc:  # realtime-py raises bare Exceptions; the retry handles all
+            log.bind(topic=t.name).opt(exception=exc).debug("push raised")
+            self._settle(t, msg, attempt, "error")
+            return
+        entry = t.pushes[msg] = _Push(attempt, push)
+
+        def on_ok(_response: object) -> None:
+            self._settle(t, msg, attempt, "ok")
+
+        def on_error(response: object) -> None:
+            log.bind(topic=t.name).debug("ack error: {}", response)
+            self._settle(t, msg, attempt, "error")
+
+        def on_timeout() -> None:
+            self._settle(t, msg, attempt, "timeout")
+
+        push.receive(RealtimeAcknowledgementStatus.Ok, on_ok)
+        push.receive(RealtimeAcknowledgementStatus.Error, on_error)
+        push.receive(RealtimeAcknowledgementStatus.Timeout, on_timeout)
+        if t.pushes.get(msg) is entry:
+            self._arm_ack_timer(t, msg, entry, channel)
+
+    def _arm_ack_timer(
+        self, t: _Topic, msg: Message, entry: _Push, channel: AsyncRealtimeChannel
+    ) -> None:
+        loop = asyncio.get_running_loop()
+
+        def expired() -> None:
+            if t.pushes.get(msg) is not entry:
+                return
+            timeout_s = self.settings.relay_ack_timeout_s
+            waited = time.monotonic() - msg.sent_at
+            late = 0.0 if entry.timer is None else loop.time() - entry.timer.when()
+            allowance = timeout_s + 2 * self.loop_lag_s
+            if entry.extensions < ACK_TIMER_MAX_EXTENSIONS and (
+                late > timeout_s * TIMER_LATE_SHARE or waited < allowance
+            ):
+                # Our loop was late (this very timer fired late, or the loop has been
+                # slow): the reply may be waiting in the socket buffer, unread.
+                entry.extensions += 1
+                entry.timer = loop.call_later(max(allowance - waited, timeout_s), expired)
+                return
+            self._settle(t, msg, entry.attempt, "timeout")
+
+        entry.timer = loop.call_later(self.settings.relay_ack_timeout_s, expired)
+
+    async def _send_rest(self, t: _Topic, msg: Message) -> None:
+        assert msg.payload is not None
+        attempt = msg.attempt
+        self._count_first_send(msg)
+        outcome = await self._rest.send([RestMessage(t.name, msg.event, msg.payload)])
+        if outcome == "ok":
+            msg.ledger.stats.rest_messages += 1
+            self._settle(t, msg, attempt, "ok", route="rest")
+            return
+        if outcome == "rate_limited":
             metrics.RATE_LIMITED.inc()
             self.budget.penalize()
-        log.warning("REST broadcast refused: {} {}", response.status_code, response.text[:200])
-        return False
+        self._settle(t, msg, attempt, "rest")
 
-    # --- ack health ---
+    @staticmethod
+    def _count_first_send(msg: Message) -> None:
+        if msg.attempt == 1 and msg.token is not None:
+            metrics.TOKENS_PER_MESSAGE.observe(len(msg.token.tokens))
 
-    def _on_ack_ok(self) -> None:
-        self._timeouts_in_a_row = 0
-        self._last_ok = time.monotonic()
+    def _settle(
+        self, t: _Topic, msg: Message, attempt: int, outcome: str, *, route: str = "ws"
+    ) -> None:
+        entry = t.pushes.get(msg)
+        if entry is not None and entry.attempt == attempt:
+            del t.pushes[msg]
+            if entry.timer is not None:
+                entry.timer.cancel()
+            if outcome != "ok":
+                _forget_push(entry)
+        now = time.monotonic()
+        if outcome == "ok":
+            if not t.outbox.acked(msg, attempt):
+                return
+            metrics.ACK_SECONDS.observe(now - msg.sent_at)
+            metrics.MESSAGES.labels(msg.event, route).inc()
+            t.last_activity = now
+            self._progressed(msg.ledger)
+        else:
+            failure = t.outbox.failed(msg, attempt, outcome, now)
+            if failure is None:
+                return
+            self._count_failure(t, failure)
+        t.wake.set()
 
-    def _on_ack_timeout(self) -> None:
-        self._timeouts_in_a_row += 1
-        if self._timeouts_in_a_row >= DEAD_SOCKET_TIMEOUTS:
-            self._wake.set()
+    def _progressed(self, ledger: StreamLedger) -> None:
+        handle = self._handles.get(ledger)
+        if handle is None:
+            return
+        handle.progressed()
+        if handle.closed and ledger.outstanding <= 0:
+            del self._handles[ledger]
 
-    def _socket_looks_dead(self) -> bool:
-        return (
-            self._timeouts_in_a_row >= DEAD_SOCKET_TIMEOUTS
-            and time.monotonic() - self._last_ok > 2 * self.settings.relay_ack_timeout_s
-        )
-
-    # --- the supervisor ---
-
-    def _new_client(self) -> AsyncRealtimeClient:
-        self.clients_created += 1
-        return AsyncRealtimeClient(
-            self.settings.realtime_url,
-            token=self._api_key,
-            auto_reconnect=False,
-            timeout=max(2, math.ceil(2 * self.settings.relay_ack_timeout_s)),
-        )
-
-    async def _close_client(self, client: AsyncRealtimeClient) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
-                await client.close()
-
-    async def _supervise(self) -> None:
-        failures = 0
-        was_connected = False
-        while self.state is not PublisherState.CLOSING:
-            client = self._client
-            assert client is not None
-            if was_connected and (not client.is_connected or self._socket_looks_dead()):
-                was_connected = False
-                await self._on_socket_lost()
-                continue
-            if not client.is_connected:
-                failures = await self._connect_once(client, failures)
-                was_connected = client.is_connected
-                continue
-            self._retire_idle_topics()
-            self._ensure_channels()
-            await self._sleep(SUPERVISE_TICK_S)
-
-    async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
-
-    async def _connect_once(self, client: AsyncRealtimeClient, failures: int) -> int:
-        wait = max(0.0, self._join_hold_until - time.monotonic())
-        if failures:
-            wait = max(
-                wait,
-                backoff_delay(failures, base_s=self.policy.base_s, cap_s=self.policy.cap_s),
+    def _count_failure(self, t: _Topic, failure: Failure) -> None:
+        metrics.FLUSH_FAILURES.labels(failure.reason).inc()
+        decision = failure.decision
+        if decision is None:
+            return
+        if decision.action is Action.SPLIT:
+            metrics.FALLBACKS.inc()
+            token = failure.message.token
+            log.bind(topic=t.name).warning(
+                "batch at offset {} failed {} times: token-by-token fallback",
+                None if token is None else token.offset,
+                failure.message.failures,
             )
-        if wait:
-            await self._sleep(wait)
-            if self.state is PublisherState.CLOSING:
-                return failures
-        self._set_state(PublisherState.CONNECTING)
-        try:
-            async with asyncio.timeout(self.settings.relay_ack_timeout_s * 2 + 1):
-                await client.connect()
-        except Exception as exc:  # connect() raises bare Exceptions of websockets/OS
-            failures += 1
-            metrics.RECONNECTIONS.labels("error").inc()
-            log.warning("connect failed ({} in a row): {}", failures, type(exc).__name__)
-            self._set_state(PublisherState.DISCONNECTED)
-            if failures % CLIENT_RECREATE_AFTER == 0:
-                await self._recreate_client("connect failures")
-            return failures
-        self.reconnections += 1
-        metrics.RECONNECTIONS.labels("ok").inc()
-        self._timeouts_in_a_row = 0
-        self._last_ok = time.monotonic()
-        self._set_state(PublisherState.CONNECTED)
-        return 0
+        elif decision.action is Action.RETRY:
+            metrics.RETRIES.inc()
+        else:
+            metrics.PARKED.inc()
 
-    async def _on_socket_lost(self) -> None:
-        dead = self._socket_looks_dead()
-        log.warning("socket lost ({})", "acks stopped" if dead else "closed")
-        self._set_state(PublisherState.DISCONNECTED)
+    def _fail_in_flight(self, t: _Topic, reason: str) -> None:
+        for entry in t.pushes.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+            _forget_push(entry)
+        t.pushes.clear()
+        for failure in t.outbox.fail_in_flight(reason, time.monotonic()):
+            self._count_failure(t, failure)
+        t.wake.set()
+
+    # --- links ---
+
+    def _add_link(self) -> RealtimeLink:
+        link: RealtimeLink
+
+        def on_channel(topic: str, status: RealtimeSubscribeStates, reason: str) -> None:
+            self._on_channel_state(link, topic, status, reason)
+
+        link = RealtimeLink(
+            f"rt-{len(self._links)}",
+            self.settings,
+            self._api_key,
+            on_channel=on_channel,
+            on_down=self._on_link_down,
+            on_up=self._on_link_up,
+            base_s=self.policy.base_s,
+            cap_s=self.policy.cap_s,
+        )
+        link.connect_not_before = self._join_hold_until
+        self._links.append(link)
+        self._link_tasks.append(self._spawn(link.run(time.monotonic), f"relay-{link.name}"))
+        self._refresh_state()
+        return link
+
+    def _on_link_up(self, link: RealtimeLink) -> None:
+        self._refresh_state()
+        self._wake.set()
+
+    def _on_link_down(self, link: RealtimeLink) -> None:
         now = time.monotonic()
-        for topic, lane in self._lanes.items():
-            self._topics[topic].down_since = now
-            lane.fail_in_flight("disconnected")
-        if dead:
-            await self._recreate_client("acks stopped")
-
-    async def _recreate_client(self, why: str) -> None:
-        metrics.CLIENT_RECREATED.inc()
-        log.warning("replacing the realtime client: {}", why)
-        old = self._client
-        self._client = self._new_client()
-        self._timeouts_in_a_row = 0
-        for topic, state in self._topics.items():
-            if state.join_task is not None:
-                state.join_task.cancel()
-            state.channel = None
-            state.join_task = None
-            state.down_since = time.monotonic()
-            self._lanes[topic].fail_in_flight("disconnected")
-        if old is not None:
-            await self._close_client(old)
-
-    def _retire_idle_topics(self) -> None:
-        """Leave the channels of topics no stream uses any more (nothing queued)."""
-        now = time.monotonic()
-        busy = {handle.topic for handle in self._streams}
-        for topic, lane in list(self._lanes.items()):
-            if (
-                topic in busy
-                or lane.pending
-                or lane.in_flight
-                or now - lane.last_activity < self.topic_linger_s
-            ):
-                continue
-            state = self._topics.pop(topic)
-            del self._lanes[topic]
-            if lane.task is not None:
-                lane.task.cancel()
-            if state.join_task is not None:
-                state.join_task.cancel()
-            channel = state.channel
-            client = self._client
-            if (
-                channel is not None
-                and client is not None
-                and client.channels.get(channel.topic) is channel
-            ):
-                # unsubscribe() = phx_leave; realtime-py drops the channel on the reply.
-                self._spawn(self._leave(channel), f"relay-leave:{topic}")
-            log.bind(topic=topic).debug("topic idle: channel left")
-
-    async def _leave(self, channel: AsyncRealtimeChannel) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.settings.relay_ack_timeout_s * 2):
-                await channel.unsubscribe()
-
-    def _ensure_channels(self) -> None:
-        now = time.monotonic()
-        client = self._client
-        assert client is not None
-        for topic, state in self._topics.items():
-            channel = state.channel
-            alive = channel is not None and client.channels.get(channel.topic) is channel
-            busy = state.join_task is not None and not state.join_task.done()
-            if alive or busy or now < state.rejoin_not_before:
-                continue
-            if channel is not None:
-                metrics.CHANNEL_REJOINS.labels(state.closed_reason or "closed").inc()
-                log.bind(topic=topic).info("channel closed by the server: joining again")
-            state.join_task = self._spawn(self._join(topic, client), f"relay-join:{topic}")
-
-    def _channel_params(self) -> RealtimeChannelOptions:
-        return {
-            "config": {
-                "broadcast": {"ack": True, "self": False},
-                "presence": {"key": "", "enabled": False},
-                "private": self.settings.relay_private_channels,
-            }
-        }
-
-    async def _join(self, topic: str, client: AsyncRealtimeClient) -> None:
-        state = self._topics[topic]
-        channel = client.channel(topic, self._channel_params())
-        state.channel = channel
-        state.closed_reason = ""
-
-        def on_state(status: RealtimeSubscribeStates, err: Exception | None) -> None:
-            self._on_channel_state(topic, channel, status, err)
-
-        try:
-            await channel.subscribe(on_state)
-        except Exception as exc:  # realtime-py raises bare Exceptions (not connected...)
-            log.bind(topic=topic).warning("subscribe failed: {}", type(exc).__name__)
+        for name in link.topics():
+            t = self._topics.get(name)
+            if t is not None and t.link is link:
+                t.down_since = now
+                self._fail_in_flight(t, "disconnected")
+        self._refresh_state()
 
     def _on_channel_state(
-        self,
-        topic: str,
-        channel: AsyncRealtimeChannel,
-        status: RealtimeSubscribeStates,
-        err: Exception | None,
+        self, link: RealtimeLink, topic: str, status: RealtimeSubscribeStates, reason: str
     ) -> None:
-        state = self._topics.get(topic)
-        if state is None or state.channel is not channel:
-            return  # a replaced channel or client
-        lane = self._lanes[topic]
+        t = self._topics.get(topic)
+        if t is None or t.link is not link:
+            return  # a retired or moved topic
         now = time.monotonic()
-        tlog = log.bind(topic=topic)
+        tlog = log.bind(topic=topic, link=link.name)
         if status is RealtimeSubscribeStates.SUBSCRIBED:
-            tlog.info("channel joined")
-            state.down_since = float("inf")
-            lane.channel_up()
+            tlog.debug("channel joined")
+            t.down_since = float("inf")
+            t.outbox.channel_up()
+            t.wake.set()
             return
-        reason = _reason_of(err)
-        state.down_since = min(state.down_since, now)
+        t.down_since = min(t.down_since, now)
         if status is RealtimeSubscribeStates.CLOSED:
-            tlog.warning("channel closed ({})", state.closed_reason or "no reason")
-            lane.fail_in_flight("channel_closed")
+            tlog.warning("channel closed")
+            self._fail_in_flight(t, "channel_closed")
             self._wake.set()
             return
+        rejoin_s = self.settings.relay_rate_limit_rejoin_s
         if reason.startswith(RATE_LIMIT_MESSAGES):
             metrics.RATE_LIMITED.inc()
             self.budget.penalize(now)
-            hold = now + self.settings.relay_rate_limit_rejoin_s
-            state.rejoin_not_before = state.hold_until = hold
+            t.hold_until = now + rejoin_s
+            link.hold_rejoin(topic, t.hold_until)
+        elif reason.startswith(CHANNEL_LIMIT_CODE):
+            # The server counts more channels on this socket than we do (leaves not
+            # yet done): this link is full; the topic moves to another one.
+            metrics.RATE_LIMITED.inc()
+            link.capacity = max(1, link.occupancy - 1)
+            link.release(topic, self._spawn)
+            t.link = None
         elif reason.startswith(RATE_LIMIT_JOIN_CODES):
             metrics.RATE_LIMITED.inc()
-            self._join_hold_until = now + self.settings.relay_rate_limit_rejoin_s
-        state.closed_reason = reason.split(":", 1)[0][:60] if reason else status.value
+            self._join_hold_until = now + rejoin_s
+            for k in self._links:
+                k.connect_not_before = self._join_hold_until
         tlog.warning("channel {}: {}", status.value, reason or "-")
-        lane.fail_in_flight("channel_error")
+        self._fail_in_flight(t, "channel_error")
+
+    # --- the supervisor ---
+
+    async def _supervise(self) -> None:
+        while self.state is not PublisherState.CLOSING:
+            now = time.monotonic()
+            self._retire_finished_topics(now)
+            self._assign_topics()
+            self._pace_joins(now)
+            self._measure(now)
+            await _sleep(self._wake, SUPERVISE_TICK_S)
+
+    async def _watch_lag(self) -> None:
+        """Loop delay: how late a short sleep wakes up (decays, so hiccups fade)."""
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(LAG_TICK_S)
+            late = max(0.0, time.monotonic() - start - LAG_TICK_S)
+            self.loop_lag_s = max(late, self.loop_lag_s * LAG_DECAY)
+
+    def _measure(self, now: float) -> None:
+        oldest = 0.0
+        backlog = 0
+        for t in self._topics.values():
+            backlog += t.outbox.pending + t.outbox.in_flight
+            oldest = max(oldest, t.outbox.oldest_unsent_age(now))
+        self._oldest_unsent_s = oldest
+        metrics.BACKLOG.set(backlog)
+
+    def _retire_finished_topics(self, now: float) -> None:
+        """Leave the channels of topics whose streams ended and whose messages are acked."""
+        for name, t in list(self._topics.items()):
+            if t.handles or not t.outbox.empty or now - t.last_activity < self.topic_linger_s:
+                continue
+            del self._topics[name]
+            if t.task is not None:
+                t.task.cancel()
+            if t.link is not None:
+                t.link.release(name, self._spawn)
+            log.bind(topic=name).debug("topic finished: channel left")
+
+    def _assign_topics(self) -> None:
+        for name, t in self._topics.items():
+            if t.link is not None:
+                continue
+            link = next((k for k in self._links if k.has_room), None)
+            if link is None and len(self._links) < self.settings.relay_max_connections:
+                link = self._add_link()
+            if link is None:
+                continue  # every socket is full: REST until a slot frees
+            link.assign(name)
+            t.link = link
+            t.down_since = min(t.down_since, time.monotonic())
+
+    def _pace_joins(self, now: float) -> None:
+        if now < self._join_hold_until:
+            return
+        for link in self._links:
+            for topic in link.needs_join(now):
+                if self._joins.wait_time(1, now) > 0:
+                    return
+                self._joins.take(1, now)
+                link.join(topic, self._spawn)
 
 
-def _reason_of(err: Exception | None) -> str:
-    """realtime-py wraps join errors and system errors as Exception(json.dumps(payload))."""
-    if err is None:
-        return ""
-    text = str(err)
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text
-    if isinstance(data, dict):
-        return str(data.get("reason") or data.get("message") or "")
-    return text
+def _forget_push(entry: _Push) -> None:
+    """Stop realtime-py's own timer for a push whose reply we no longer wait for."""
+    if entry.timer is not None:
+        entry.timer.cancel()
+    push = entry.push
+    push.destroy()
+    if push.ref is not None:
+        push.channel.messages_waiting_for_ack.pop(push.ref, None)
+
+
+async def _sleep(event: asyncio.Event, seconds: float) -> None:
+    event.clear()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

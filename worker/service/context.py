@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from worker.errors import (
     BadInputError,
@@ -159,6 +159,16 @@ class StreamContext:
 
 
 StreamRunner = Callable[[Job, StreamContext], Awaitable[Outcome]]
+
+
+@runtime_checkable
+class ReportsLag(Protocol):
+    """A runner that can say it is behind (the relay measures its own lag, issue 16)."""
+
+    @property
+    def behind(self) -> bool: ...
+
+
 # Told when a request is rejected before streaming (e.g. to publish `llm-error`).
 RejectHook = Callable[[Job, str, dict[str, Any]], Awaitable[None]]
 

@@ -198,6 +198,11 @@ class RelayRunner:
         """Part of the worker's /readyz: the publisher can deliver."""
         return self.publisher.ready()
 
+    @property
+    def behind(self) -> bool:
+        """The relay lags more than `relay_max_lag_s`: new requests should wait in the queue."""
+        return self.publisher.behind
+
     async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
         start = ctx.start
         transcript = StreamTranscript.resume(

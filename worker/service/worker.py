@@ -44,6 +44,7 @@ from worker.service.context import (
     AbortReason,
     Outcome,
     RejectHook,
+    ReportsLag,
     StreamContext,
     StreamRunner,
     error_info,
@@ -256,6 +257,8 @@ class Worker:
                     self._on_swept(swept)
             jobs = []
             sent_at = loop.time()
+            if free > 0 and self._runner_behind():
+                free = 0  # the queue, not this worker, absorbs the excess (issue 16)
             if free > 0:
                 jobs = await self._repo.claim(
                     worker=self.worker_id,
@@ -272,6 +275,9 @@ class Worker:
                 self._start(job, sent_at)
             except Exception:  # pragma: no cover - _start fails rows itself; never the loop
                 self._log.bind(job=job.id).opt(exception=True).error("could not start a request")
+
+    def _runner_behind(self) -> bool:
+        return isinstance(self._runner, ReportsLag) and self._runner.behind
 
     def _queue_call(self, *, ok: bool, error: QueueError | None = None) -> None:
         """Every queue call reports here: readiness, and one log line per change."""
