@@ -24,6 +24,7 @@ export interface AssemblerStats {
   messages: number;
   tokens: number;
   duplicateMessages: number;
+  overtakenMessages: number;
   duplicateTokens: number;
   gapsOpened: number;
   gapsFilled: number;

@@ -56,7 +56,8 @@ function newStats() {
   return {
     messages: 0, // llm-token messages received (live)
     tokens: 0, // tokens applied from live messages
-    duplicateMessages: 0, // messages wholly below the next expected offset
+    duplicateMessages: 0, // live messages re-sent: wholly below what live messages gave
+    overtakenMessages: 0, // live messages a catch-up read or snapshot had already given
     duplicateTokens: 0, // tokens dropped (wholly or partly duplicate messages)
     gapsOpened: 0, // times a message arrived above the next expected offset
     gapsFilled: 0, // times held messages became applicable
@@ -75,6 +76,21 @@ class Lane {
     this.held = new Map();
     /** offset of the first live message seen, or null */
     this.firstLive = null;
+    /** @type {Array<[number, number]>} ranges [start, end) given by the log or a snapshot */
+    this.filled = [];
+  }
+
+  /** Record [start, end) as given by a catch-up read or a snapshot (merged, few). */
+  fill(start, end) {
+    if (end <= start) return;
+    const last = this.filled[this.filled.length - 1];
+    if (last && start <= last[1]) last[1] = Math.max(last[1], end);
+    else this.filled.push([start, end]);
+  }
+
+  /** Whether a live message's range overlaps what a catch-up read or snapshot gave. */
+  overtaken(start, end) {
+    return this.filled.some(([a, b]) => start < b && a < end);
   }
 
   /** smallest held offset, or null */
@@ -212,11 +228,15 @@ export class StreamAssembler {
     const lane = this._lane(msg.kind);
     if (lane.firstLive === null) lane.firstLive = msg.offset;
     if (msg.offset + msg.tokens.length <= lane.next) {
-      // A catch-up read that the live messages overtook is not a duplicate send.
-      if (!fromLog) {
+      // Overlap between the log and live messages, in either order, is no re-send:
+      // only a live message below what live messages gave counts as a duplicate.
+      if (fromLog) return "duplicate";
+      if (lane.overtaken(msg.offset, msg.offset + msg.tokens.length)) {
+        this.stats.overtakenMessages += 1;
+      } else {
         this.stats.duplicateMessages += 1;
-        this.stats.duplicateTokens += msg.tokens.length;
       }
+      this.stats.duplicateTokens += msg.tokens.length;
       return "duplicate";
     }
     if (msg.offset > lane.next) {
@@ -224,7 +244,9 @@ export class StreamAssembler {
       return "held";
     }
     const hadGap = lane.held.size > 0;
+    const from = lane.next;
     const applied = this._applyFrom(lane, msg);
+    if (fromLog) lane.fill(from, lane.next);
     if (fromLog) this.stats.logTokens += applied;
     else this.stats.tokens += applied;
     if (this._drain(lane) > 0 && hadGap) this.stats.gapsFilled += 1;
@@ -258,6 +280,7 @@ export class StreamAssembler {
     const hadGap = lane.held.size > 0;
     this.stats.snapshotsMerged += 1;
     this.stats.snapshotTokens += next - lane.next;
+    lane.fill(lane.next, next);
     const both = this.offsetScope === "stream";
     if (both || kind === "content") this.content = snap.content ?? "";
     if (both || kind === "reasoning") this.reasoning = snap.reasoning ?? "";

@@ -115,9 +115,14 @@ describe("subscribeToSession", () => {
     assert.equal(log.from, 2);
     sb.ch.deliver("llm-done", { stream: "r1", total_tokens: 4 });
     assert.equal(sub.view("r1").complete, true);
-    // a log read overtaken by the live messages is not counted as a duplicate send
+    // the late live copy of what the log gave is overtaken, not a re-send
     sb.ch.deliver("llm-token", tok(2, ["c"]));
+    assert.equal(sub.view("r1").stats.overtakenMessages, 1);
+    assert.equal(sub.view("r1").stats.duplicateMessages, 0);
+    // a re-send of what live messages gave is a duplicate
+    sb.ch.deliver("llm-token", tok(0, ["a", "b"]));
     assert.equal(sub.view("r1").stats.duplicateMessages, 1);
+    // a log read overtaken by the live messages is not counted as a duplicate send
     const overtaken = { v: 1, stream: "r1", seq: -1, offset: 0, kind: "content", tokens: ["a", "b"] };
     assert.equal(sub.streams.get("r1").pushTokens(overtaken, "log"), "duplicate");
     assert.equal(sub.view("r1").stats.duplicateMessages, 1);

@@ -84,6 +84,23 @@ describe("duplicates", () => {
     assert.equal(a.stats.duplicateTokens, ms[0].tokens.length + ms[1].tokens.length);
   });
 
+  it("a live message a catch-up read already gave is overtaken, not a duplicate send", () => {
+    const a = new StreamAssembler();
+    const ms = batches(tokenize(TEXT), 5);
+    a.pushTokens(ms[0]);
+    // ms[1] is late (REST and the socket crossed): the gap is filled from the log
+    assert.equal(a.pushTokens(ms[2]), "held");
+    assert.equal(a.pushTokens(ms[1], "log"), "applied");
+    assert.equal(a.pushTokens(ms[1]), "duplicate"); // the late live copy
+    assert.equal(a.stats.duplicateMessages, 0);
+    assert.equal(a.stats.overtakenMessages, 1);
+    // a real re-send of a live-delivered message still counts
+    assert.equal(a.pushTokens(ms[0]), "duplicate");
+    assert.equal(a.stats.duplicateMessages, 1);
+    for (const m of ms.slice(3)) a.pushTokens(m);
+    assert.equal(a.content, TEXT);
+  });
+
   it("applies only the new tail of a straddling message (token-by-token after a batch)", () => {
     const a = new StreamAssembler();
     const toks = tokenize(TEXT);
