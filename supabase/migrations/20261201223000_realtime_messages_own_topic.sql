@@ -4,10 +4,7 @@
 -- against the caller's sessions, but not the row's own `topic`: a `realtime.send`
 -- row of another topic was readable from the context of a topic the caller owns.
 -- Realtime evaluates the policy per row, so the row must belong to that topic too.
-DROP POLICY IF EXISTS llm_token_topic_owner_receives ON realtime.messages;
-
-CREATE POLICY llm_token_topic_owner_receives ON realtime.messages
-  FOR SELECT TO authenticated
+ALTER POLICY llm_token_topic_owner_receives ON realtime.messages
   USING (
     extension = 'broadcast'
     AND topic = (SELECT realtime.topic())
