@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,24 @@ READY_LINE = "The demo page is up: "
 
 
 @pytest.fixture
-async def demo_page_url(tmp_path: Path) -> AsyncIterator[str]:
+async def demo_page_url() -> AsyncIterator[str]:
+    # Not under pytest's basetemp (reset to mode 0700, which locks out the user pgserver
+    # runs postgres as), like the session cluster in tests/conftest.py.
+    data_dir = tempfile.mkdtemp(prefix="llm-relay-demo-page-")
+    try:
+        async with _demo_page(data_dir) as url:
+            yield url
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def _demo_page(data_dir: str) -> AsyncIterator[str]:
     env = env_without_ours()
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "worker", "demo", "--no-prompt", "--port", "0"),
-        *("--upstream-port", "0", "--tokens-per-second", "300", "--data-dir", str(tmp_path)),
-        cwd=tmp_path,
+        *("--upstream-port", "0", "--tokens-per-second", "300", "--data-dir", data_dir),
+        cwd=data_dir,
         env=env,
         stdout=asyncio.subprocess.PIPE,
     )
