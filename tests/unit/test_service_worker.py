@@ -17,6 +17,7 @@ from worker.jobs.models import Job, NewRequest, Snapshot, Swept
 from worker.jobs.testing import InMemoryJobRepository
 from worker.relay.publisher import Publisher
 from worker.service.context import Outcome, StreamContext, StreamRunner
+from worker.service.runner import RelayRunner
 from worker.service.testing import ScriptedRunner, scripted_text
 from worker.service.worker import Worker, WorkerState
 
@@ -521,3 +522,13 @@ async def test_the_end_of_a_fully_relayed_stream_is_written_however_long_it_take
         await wait_until(finished(repo, job_id))
     assert repo.rows[job_id].status == "done" and repo.finish_calls == 13
     assert repo.rows[job_id].snapshot.content == scripted_text(0, 5)
+
+
+async def test_the_runner_hands_the_publishers_supervisor_to_the_worker() -> None:
+    publisher = Publisher(fast_settings(), api_key="service-key")
+    runner = RelayRunner(fast_settings(), publisher=publisher)
+    tasks = dict(runner.side_tasks())
+    assert list(tasks) == ["publisher"]
+    # A publisher that does not deliver fails its side task, so the worker stops loudly.
+    with pytest.raises(PublishError, match="supervisor is not running"):
+        await asyncio.wait_for(tasks["publisher"](), 5)

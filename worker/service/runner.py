@@ -188,11 +188,9 @@ class RelayRunner:
             await self.upstream.aclose()
 
     def side_tasks(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
-        """Supervised by the worker. Not the publisher's supervisor yet: wired in, its
-        `supervised()` stopped workers of the chaos soak (tests/soak/test_soak_queue.py)
-        because some publisher task dies with an exception under ack faults and socket
-        cuts; which deaths are fatal is the publisher's call (its split, issue 16)."""
-        return []
+        """Supervised by the worker: the publisher's supervisor (a publisher that no
+        longer delivers stops the worker loudly instead of queueing into it)."""
+        return [("publisher", self.publisher.supervised)]
 
     def ready(self) -> bool:
         """Part of the worker's /readyz: the publisher can deliver."""
