@@ -240,7 +240,10 @@ async def test_after_a_one_second_cut_no_claim_cycle_is_lost(
                 proxy.cut()
                 await asyncio.sleep(1.0)
                 proxy.restore()
-                await asyncio.sleep(0.3)  # let calls that began during the cut finish
+                # Let calls that began during the cut end: one may wait for a pooled
+                # connection and then run, each up to the call deadline (seen in CI: a
+                # pool wait begun just before the restore failed 0.45 s after it).
+                await asyncio.sleep(2 * settings.db_call_timeout_s + 0.3)
                 errors_before = worker.metrics.queue_errors._value.get()
                 later = [(await repo.submit_as(USER_A, NewRequest(HELLO))).id for _ in range(4)]
                 records = await wait_rows(repo, later, is_final)
