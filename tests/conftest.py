@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devstack.postgres import EmbeddedPostgres, apply_schema, with_database
+from devstack.stack import DevStack, StackOptions
 from worker.config import Settings
 
 TEMPLATE_DB = "relay_template"
@@ -69,3 +72,17 @@ def database_url(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
 @pytest.fixture
 def template_url(pg_cluster: EmbeddedPostgres) -> str:
     return with_database(pg_cluster.server_url, TEMPLATE_DB)
+
+
+@contextlib.asynccontextmanager
+async def running_stack(**options: Any) -> AsyncIterator[DevStack]:
+    """A whole local stack on free ports (`StackOptions` fields as keywords)."""
+    # Not under pytest's basetemp (mode 0700): pgserver runs postgres as another user.
+    data_dir = Path(tempfile.mkdtemp(prefix="llm-relay-stack-"))
+    devstack = DevStack(StackOptions(api_port=0, upstream_port=0, data_dir=data_dir, **options))
+    await devstack.start()
+    try:
+        yield devstack
+    finally:
+        await devstack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

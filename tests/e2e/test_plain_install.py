@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from devstack import jwt
-from devstack.stack import DevStack, StackOptions
-from tests.conftest import env_without_ours
+from devstack.stack import DevStack
+from tests.conftest import env_without_ours, running_stack
 from worker.config import Settings
 from worker.jobs.models import NewRequest
 from worker.jobs.postgres import PostgresJobRepository
@@ -218,22 +217,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 async def stack() -> AsyncIterator[DevStack]:
-    # Not under pytest's basetemp (mode 0700): pgserver runs postgres as another user.
-    data_dir = Path(tempfile.mkdtemp(prefix="llm-relay-stack-"))
-    options = StackOptions(
-        api_port=0,
-        upstream_port=0,
-        data_dir=data_dir,
-        upstream_text=TEXT,
-        upstream_tokens_per_second=400,
-    )
-    devstack = DevStack(options)
-    await devstack.start()
-    try:
+    async with running_stack(upstream_text=TEXT, upstream_tokens_per_second=400) as devstack:
         yield devstack
-    finally:
-        await devstack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from postgrest.exceptions import APIError
 
-from devstack.stack import DevStack, StackOptions
-from tests.conftest import env_without_ours
+from devstack.stack import DevStack
+from tests.conftest import env_without_ours, running_stack
 from worker.client import RelayClient
 from worker.errors import ConfigError
 
@@ -30,23 +28,10 @@ REASONING = "Think first, then answer."
 
 @pytest.fixture
 async def stack() -> AsyncIterator[DevStack]:
-    # Not under pytest's basetemp (mode 0700): pgserver runs postgres as another user.
-    data_dir = Path(tempfile.mkdtemp(prefix="llm-relay-stack-"))
-    options = StackOptions(
-        api_port=0,
-        upstream_port=0,
-        data_dir=data_dir,
-        upstream_text=TEXT,
-        upstream_reasoning_text=REASONING,
-        upstream_tokens_per_second=400,
-    )
-    devstack = DevStack(options)
-    await devstack.start()
-    try:
+    async with running_stack(
+        upstream_text=TEXT, upstream_reasoning_text=REASONING, upstream_tokens_per_second=400
+    ) as devstack:
         yield devstack
-    finally:
-        await devstack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
