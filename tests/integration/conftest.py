@@ -10,6 +10,7 @@ import pytest
 from devstack.jwt import api_key
 from devstack.realtime import RealtimeServer, Timings
 from tests.integration.relay_harness import Subscriber
+from worker.jobs.postgres import PostgresJobRepository
 
 TIME_SCALE = 0.01  # server delays (2 s / 5 s backoffs) become 20 / 50 ms
 
@@ -32,3 +33,13 @@ async def subscriber(server: RealtimeServer) -> AsyncIterator[Subscriber]:
         yield sub
     finally:
         await sub.close()
+
+
+@pytest.fixture
+async def repo(database_url: str) -> AsyncIterator[PostgresJobRepository]:
+    """The queue on the test's own database (a file may override it, e.g. a smaller pool)."""
+    repository = PostgresJobRepository.from_url(database_url, pool_size=2)
+    try:
+        yield repository
+    finally:
+        await repository.close()

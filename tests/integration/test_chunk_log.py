@@ -26,15 +26,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[PostgresJobRepository]:
-    repository = PostgresJobRepository.from_url(database_url, pool_size=2)
-    try:
-        yield repository
-    finally:
-        await repository.close()
-
-
-@pytest.fixture
 async def rest(database_url: str) -> AsyncIterator[TestClient[Any, Any]]:
     app = web.Application()
     PostgrestServer(database_url).add_routes(app)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
@@ -17,15 +16,6 @@ pytestmark = pytest.mark.integration
 USER_A = "6f1b1c1e-0000-4000-8000-00000000000a"
 USER_B = "6f1b1c1e-0000-4000-8000-00000000000b"
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[PostgresJobRepository]:
-    repository = PostgresJobRepository.from_url(database_url, pool_size=2)
-    try:
-        yield repository
-    finally:
-        await repository.close()
 
 
 async def _claim(repo: PostgresJobRepository, worker: str, limit: int = 10, lease_s: float = 30):

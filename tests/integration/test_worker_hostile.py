@@ -18,7 +18,6 @@ from tests.integration.test_worker_relay import (
     WAIT_S,
     env_for,
     realtime,
-    repo,
     settings_for,
     subscriber,
     the_stream,
@@ -28,7 +27,7 @@ from tests.integration.test_worker_relay import (
 from worker.jobs import NewRequest, PostgresJobRepository
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-__all__ = ["realtime", "repo"]  # fixtures, imported for pytest
+__all__ = ["realtime"]  # a fixture, imported for pytest (repo comes from conftest)
 
 TEXT = "word " * 40
 

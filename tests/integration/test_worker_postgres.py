@@ -69,13 +69,6 @@ def is_final(record: JobRecord) -> bool:
     return record.status in ("done", "failed", "cancelled")
 
 
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[PostgresJobRepository]:
-    repository = PostgresJobRepository.from_url(database_url, pool_size=2)
-    yield repository
-    await repository.close()
-
-
 async def test_two_workers_never_process_the_same_request(
     database_url: str, repo: PostgresJobRepository
 ) -> None:

@@ -67,13 +67,6 @@ async def upstream() -> AsyncIterator[SimulatedUpstream]:
         yield server
 
 
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[PostgresJobRepository]:
-    repository = PostgresJobRepository.from_url(database_url, pool_size=2)
-    yield repository
-    await repository.close()
-
-
 def env_for(
     database_url: str, realtime: RealtimeServer, upstream: SimulatedUpstream
 ) -> dict[str, str]:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,6 @@ async def relay(
     out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[PostgresJobRepository]:
-    repository = PostgresJobRepository.from_url(database_url, pool_size=2)
-    yield repository
-    await repository.close()
 
 
 async def test_submit_inserts_as_the_user_and_cancel_asks_as_the_user(
