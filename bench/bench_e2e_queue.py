@@ -87,8 +87,18 @@ async def _subscriber(args: argparse.Namespace, sessions: list[str]) -> dict[str
     states = receipts.states
     await _wait_streams(states, len(sessions), Path(args.stop), args.seconds * 4 + 900)
     await close_clients(clients)
+    report = receipts.report()
+    expected = args.expected_text
+    if expected is not None:
+        # Exact means what the upstream sent, not only self-consistent with llm-done
+        # (a token lost before publication would leave the checksums matching).
+        report["exact"] = sum(
+            1
+            for s in states.values()
+            if s.complete and s.checksums_match() and s.text() == (expected, "")
+        )
     return {
-        **receipts.report(),
+        **report,
         "errors": _error_counts(states),
         "tokens": sum(s.next_offset for s in states.values()),
     }
@@ -253,6 +263,11 @@ def run_level(
             *("--realtime-url", s.realtime_url, "--token", user_token(USER)),
             *("--seconds", str(args.seconds)),
             *("--joins-per-second", str(getattr(args, "subscriber_joins_per_second", 0) or "")),
+            *(
+                ("--expect-file", str(args.expect_file))
+                if getattr(args, "expect_file", None)
+                else ()
+            ),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -385,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # internal: the subscriber process
     parser.add_argument("--role", choices=["subscriber"])
-    for flag in ("--sessions", "--realtime-url", "--token", "--stop", "--joins-per-second"):
+    for flag in (
+        *("--sessions", "--realtime-url", "--token", "--stop", "--joins-per-second"),
+        "--expect-file",
+    ):
         parser.add_argument(flag)
     args = parser.parse_args(argv)
     from worker.logs import configure_logging
@@ -393,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level="ERROR")
     if args.role is not None:
         sessions = json.loads(Path(args.sessions).read_text())
+        args.expected_text = Path(args.expect_file).read_text() if args.expect_file else None
         result = asyncio.run(_subscriber(args, sessions))
         Path(args.out).write_text(json.dumps(result))
         return 0

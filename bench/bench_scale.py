@@ -188,6 +188,7 @@ def _level(args: argparse.Namespace, spec: str, root: Path) -> dict[str, Any]:
                 rate=rate,
                 level_timeout_s=args.cap_s,
                 subscriber_joins_per_second=SUBSCRIBER_JOINS_PER_SECOND,
+                expect_file=text_file,
                 worker_env={
                     "RELAY_LOG_LEVEL": "WARNING",
                     **({"PYTHONPATH": args.worker_src} if args.worker_src else {}),
