@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     )
 
     # --- Upstream deadlines and retries ---
+    relay_upstream_reader: Literal["protocol", "httpx"] = Field(
+        "protocol",
+        validation_alias=_env("RELAY_UPSTREAM_READER"),
+        description="How streamed responses are read: `protocol` (an asyncio Protocol that "
+        "decodes each read in its callback; plain HTTP/1.1, TCP or TLS) or `httpx`. Through an "
+        "HTTP(S) proxy from the environment httpx is always used.",
+    )
     relay_connect_timeout_s: float = Field(
         10.0,
         validation_alias=_env("RELAY_CONNECT_TIMEOUT_S"),

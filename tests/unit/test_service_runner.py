@@ -46,21 +46,22 @@ class Upstream:
         self.then_hang = then_hang
         self.closed_at: float | None = None
 
-    async def stream(self) -> AsyncIterator[UpstreamEvent]:
+    async def stream(self) -> AsyncIterator[list[UpstreamEvent]]:
+        """One list per event, as `UpstreamClient.stream_batches` yields at one token a read."""
         try:
             for event in self.events:
-                yield event
+                yield [event]
             if self.then_hang:
                 await asyncio.Event().wait()
         finally:
             self.closed_at = time.monotonic()
 
 
-async def collect(events: AsyncIterator[UpstreamEvent], n: int) -> list[UpstreamEvent]:
+async def collect(events: AsyncIterator[list[UpstreamEvent]], n: int) -> list[UpstreamEvent]:
     out: list[UpstreamEvent] = []
-    async for event in events:
-        out.append(event)
-        if len(out) == n:
+    async for batch in events:
+        out.extend(batch)
+        if len(out) >= n:
             break
     return out
 
@@ -73,14 +74,14 @@ async def test_the_tap_passes_events_through() -> None:
         Token("content", "Hi"),
         Finished("stop"),
     ]
-    got = [e async for e in tap.events(Upstream(events).stream())]
+    got = [e async for batch in tap.events(Upstream(events).stream()) for e in batch]
     assert got == events
 
 
 async def test_a_takeover_is_announced_with_its_offset() -> None:
     ctx = context(Snapshot(content="ab", next_offset=2, next_seq=1))
     tap = _Tap(ctx)
-    got = [e async for e in tap.events(Upstream([Token("content", "c")]).stream())]
+    got = [e async for b in tap.events(Upstream([Token("content", "c")]).stream()) for e in b]
     assert got[0] == Status(
         "resuming", {"reason": "takeover", "mode": "continue", "offset": 2, "seam": True}
     )
@@ -92,7 +93,7 @@ async def test_a_cancel_closes_the_upstream_at_once_and_ends_the_stream() -> Non
     tap = _Tap(ctx)
     upstream = Upstream([Token("content", "a")], then_hang=True)
     events = tap.events(upstream.stream())
-    assert await anext(events) == Token("content", "a")
+    assert await anext(events) == [Token("content", "a")]
     pending = asyncio.ensure_future(collect(events, 2))
     await asyncio.sleep(0.01)
     asked = time.monotonic()
@@ -110,11 +111,11 @@ async def test_a_shutdown_flushes_with_a_handover_status_and_sends_no_done() -> 
     tap = _Tap(ctx)
     upstream = Upstream([Token("content", "a")], then_hang=True)
     events = tap.events(upstream.stream())
-    assert await anext(events) == Token("content", "a")
+    assert await anext(events) == [Token("content", "a")]
     ctx.abort("shutdown", within_s=0.5)
-    assert await asyncio.wait_for(anext(events), 1.0) == Status(
-        "resuming", {"reason": "handover", "seam": False}
-    )
+    assert await asyncio.wait_for(anext(events), 1.0) == [
+        Status("resuming", {"reason": "handover", "seam": False})
+    ]
     assert upstream.closed_at is not None
     tail = asyncio.ensure_future(anext(events))
     await asyncio.sleep(0.05)

@@ -48,6 +48,7 @@ from worker.relay.batcher import Batch, Batcher
 from worker.relay.publisher import Publisher, StreamHandle
 from worker.relay.wire import EVENT_DONE, EVENT_ERROR, EVENT_STATUS, DoneMessage, text_checksum
 from worker.transcript import StreamTranscript
+from worker.upstream.buffer import EventBatch
 from worker.upstream.events import (
     Finished,
     Refusal,
@@ -101,10 +102,13 @@ class _Raised:
     exc: BaseException
 
 
-_Queued = UpstreamEvent | _End | _Raised
+_Queued = UpstreamEvent | list[UpstreamEvent] | _End | _Raised
+# What a relay reads: single events, or lists of them (`UpstreamClient.stream_batches`:
+# one list per wake-up, an `EventBatch` when it carries the time it was read).
+Events = AsyncIterator[UpstreamEvent] | AsyncIterator[list[UpstreamEvent]]
 
 
-async def _read(events: AsyncIterator[UpstreamEvent], queue: asyncio.Queue[_Queued]) -> None:
+async def _read(events: Events, queue: asyncio.Queue[_Queued]) -> None:
     try:
         async for event in events:
             await queue.put(event)
@@ -149,6 +153,7 @@ class _Pump:
         self.failure: BaseException | None = None
         self.stopped = False  # after an early end or a failed write: nothing more goes out
         self.result = RelayResult()
+        self.raised: BaseException | None = None  # the failure the relay ends with
         self.pacing_at = float("-inf")
 
     def publish(self, batches: list[Batch]) -> None:
@@ -218,6 +223,47 @@ class _Pump:
             self.pacing_at = now
             self.batcher.set_min_interval(self.handle.min_interval_s(now))
         return self.batcher.feed(token, now)
+
+    async def end_with(self, item: _Queued, now: float, log: Any) -> bool:
+        """Handle one event that is not a token, in order after the tokens before it;
+        True when the relay ends here (a failure to report is left in `raised`)."""
+        if isinstance(item, _Raised | _End):
+            self.publish(self.batcher.flush(now))
+            await self.settle()
+            if isinstance(item, _Raised):
+                self.raised = item.exc
+                self.send_error(item.exc)
+            else:
+                self.send_done()
+            return True
+        assert not isinstance(item, list)
+        if not isinstance(item, ToolCallDelta | Refusal):
+            self.publish(self.batcher.flush(now))  # tokens before the event
+            await self.settle()  # ...are out before it
+        if isinstance(item, Status) and item.kind == "reset":
+            self.raised = _refused_reset(item)
+            log.warning("refused a restart after {} tokens", self.transcript.next_offset)
+            self.send_error(self.raised)
+            return True
+        if self.on_event(item):
+            self.publish(self.batcher.flush(now))
+            await self.settle()
+            self.send_done()
+            return True
+        return False
+
+    def feed_tokens(
+        self, events: list[UpstreamEvent], now: float, rest: deque[UpstreamEvent]
+    ) -> UpstreamEvent | None:
+        """Feed the leading tokens of one wake-up's events to the batcher (read at
+        `now`); the first other event is returned, and what follows it goes to `rest`."""
+        for i, event in enumerate(events):
+            if type(event) is Token:
+                self.publish(self.on_token(event, now))
+                continue
+            rest.extend(events[i + 1 :])
+            return event
+        return None
 
     def on_event(self, event: UpstreamEvent) -> bool:
         """Account for one non-token event (after the flush of the tokens before it);
@@ -300,7 +346,7 @@ def check_relay_settings(settings: Settings) -> None:
 
 
 async def relay_stream(
-    events: AsyncIterator[UpstreamEvent],
+    events: Events,
     *,
     publisher: Publisher,
     topic: str,
@@ -316,7 +362,8 @@ async def relay_stream(
     """Relay one upstream stream to `topic` (sub-topic, e.g. `llm-token:<session>`).
 
     Args:
-        events: the upstream events (tokens, status, finished); may raise RelayError.
+        events: the upstream events (tokens, status, finished), one by one or in lists;
+            may raise RelayError.
         publisher: a started `Publisher`.
         topic, stream_id: where to publish, and the `stream` field of every payload.
         settings: batching, delays, drain timeout.
@@ -350,38 +397,25 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     raised: BaseException | None = None
     try:
+        pending: deque[UpstreamEvent] = deque()
         while True:
             now = loop.time()
-            item = await _next(queue, pump.batcher.deadline(), now)
-            now = loop.time()
+            item: _Queued | None
+            if pending:
+                item = pending.popleft()
+            else:
+                item = await _next(queue, pump.batcher.deadline(), now)
+                now = loop.time()
+                if isinstance(item, list):
+                    # Tokens count from when they were read, not from this wake-up.
+                    fed_at = min(item.arrived_at, now) if isinstance(item, EventBatch) else now
+                    item = pump.feed_tokens(item, fed_at, pending)
             pump.raise_failure()  # a failed write stops the relay (e.g. LeaseLost)
             if isinstance(item, Token):
                 pump.publish(pump.on_token(item, now))
-            elif isinstance(item, _Raised):
-                raised = item.exc
-                pump.publish(pump.batcher.flush(now))
-                await pump.settle()
-                pump.send_error(item.exc)
+            elif item is not None and await pump.end_with(item, now, log):
+                raised = pump.raised
                 break
-            elif isinstance(item, _End):
-                pump.publish(pump.batcher.flush(now))
-                await pump.settle()
-                pump.send_done()
-                break
-            elif item is not None:
-                if not isinstance(item, ToolCallDelta | Refusal):
-                    pump.publish(pump.batcher.flush(now))  # tokens before the event
-                    await pump.settle()  # ...are out before it
-                if isinstance(item, Status) and item.kind == "reset":
-                    raised = _refused_reset(item)
-                    log.warning("refused a restart after {} tokens", transcript.next_offset)
-                    pump.send_error(raised)
-                    break
-                if pump.on_event(item):
-                    pump.publish(pump.batcher.flush(now))
-                    await pump.settle()
-                    pump.send_done()
-                    break
             pump.publish(pump.batcher.poll(now))
         try:
             await handle.drain(settings.relay_drain_timeout_s)

@@ -114,20 +114,26 @@ class _Tap:
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
 
-    async def events(self, upstream: AsyncIterator[UpstreamEvent]) -> AsyncIterator[UpstreamEvent]:
+    async def events(
+        self, upstream: AsyncIterator[list[UpstreamEvent]]
+    ) -> AsyncIterator[list[UpstreamEvent]]:
+        """The upstream's wake-ups, passed on as they are (one task step per wake-up,
+        not per token)."""
         ctx = self.ctx
         if ctx.resumed:
-            yield Status(
-                "resuming",
-                {
-                    "reason": "takeover",
-                    "mode": "continue" if ctx.start.content else "restart",
-                    "offset": ctx.start.next_offset,
-                    "seam": True,
-                },
-            )
+            yield [
+                Status(
+                    "resuming",
+                    {
+                        "reason": "takeover",
+                        "mode": "continue" if ctx.start.content else "restart",
+                        "offset": ctx.start.next_offset,
+                        "seam": True,
+                    },
+                )
+            ]
         aborted = asyncio.ensure_future(ctx.aborted.wait())
-        step: asyncio.Future[UpstreamEvent] | None = None
+        step: asyncio.Future[list[UpstreamEvent]] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(upstream))
@@ -135,10 +141,10 @@ class _Tap:
                 if not step.done():
                     break
                 try:
-                    event = step.result()
+                    batch = step.result()
                 except StopAsyncIteration:
                     return
-                yield event
+                yield batch
         finally:
             # Closing the upstream here is what aborts the HTTP request (within 1 s).
             aborted.cancel()
@@ -148,16 +154,18 @@ class _Tap:
                     await step
             with contextlib.suppress(Exception):
                 await upstream.aclose()  # type: ignore[attr-defined]
-        async for event in self._after_abort():
-            yield event
+        async for batch in self._after_abort():
+            yield batch
 
-    async def _after_abort(self) -> AsyncIterator[UpstreamEvent]:
+    async def _after_abort(self) -> AsyncIterator[list[UpstreamEvent]]:
         if self.ctx.abort_reason == "cancelled":
-            yield Status("cancelled", {"reason": "requested by the owner"})
-            yield Finished(finish_reason="cancelled")
+            yield [
+                Status("cancelled", {"reason": "requested by the owner"}),
+                Finished(finish_reason="cancelled"),
+            ]
             return
         if self.ctx.abort_reason == "shutdown":
-            yield Status("resuming", {"reason": "handover", "seam": False})
+            yield [Status("resuming", {"reason": "handover", "seam": False})]
         await asyncio.Event().wait()  # the runner stops the relay
 
 
@@ -217,7 +225,7 @@ class RelayRunner:
         request = continuation(ctx, self.settings.relay_continue_prompt)
         relay = asyncio.create_task(
             relay_stream(
-                tap.events(self.upstream.stream(request)),
+                tap.events(self.upstream.stream_batches(request)),
                 publisher=self.publisher,
                 topic=ctx.topic,
                 stream_id=ctx.stream_id,

@@ -37,18 +37,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
+import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import httpx
+import orjson
 from loguru import logger
 
 from worker.config import DEFAULT_MODELS, Provider, Settings
 from worker.errors import ConfigError, UpstreamError
 from worker.transcript import StreamTranscript
 from worker.upstream.body import ACCEPT_ENCODING, BodyDecoder, BodyLimitError
+from worker.upstream.buffer import EventBuffer, HttpxBody, WakeWheel
 from worker.upstream.chunks import ChunkParser
 from worker.upstream.deadline import ReadDeadlines, ReadTimeout, ReadWatchdog
 from worker.upstream.errormap import (
@@ -66,6 +70,7 @@ from worker.upstream.events import (
     ToolCallDelta,
     UpstreamEvent,
 )
+from worker.upstream.h1 import H1Response, post_stream
 from worker.upstream.retry import CircuitBreaker, RetryPolicy
 from worker.upstream.sse import SSEDecoder, SSEEvent, SSELimitError
 
@@ -74,6 +79,7 @@ MAX_ERROR_BODY_BYTES = 64 * 1024  # an error page is read this far, never more
 CHARS_PER_TOKEN_ESTIMATE = 4.0  # the usual rule of thumb for English text
 
 Sleep = Callable[[float], Awaitable[None]]
+Response = httpx.Response | H1Response
 
 
 @dataclass
@@ -117,6 +123,15 @@ class _Read:
     produced: bool = False  # output (token, tool call, refusal) reached the consumer
     error: UpstreamError | None = None  # a failure found while parsing a read
     accounted: bool = False  # its partial usage was recorded
+
+
+def _proxied(url: str) -> bool:
+    """httpx (trust_env) would send this request through a proxy from the environment."""
+    proxies = urllib.request.getproxies_environment()
+    parsed = httpx.URL(url)
+    if not (proxies.get(parsed.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass_environment(parsed.host)  # type: ignore[attr-defined]
 
 
 def not_configured(provider: str) -> UpstreamError:
@@ -214,6 +229,10 @@ class UpstreamClient:
             max_keepalive_connections=min(settings.relay_concurrency, MAX_IDLE_CONNECTIONS),
         )
         self._http = httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits)
+        # A custom transport (tests' mock) is httpx's; so is every proxied request.
+        self._protocol_reader = transport is None and settings.relay_upstream_reader == "protocol"
+        self._ssl: ssl.SSLContext | None = None
+        self._wheel = WakeWheel()  # one timer for every stream's wake-ups
         policy_kwargs: dict[str, Any] = {} if rng is None else {"rng": rng}
         self.policy = RetryPolicy(
             retries=settings.relay_upstream_retries,
@@ -258,6 +277,18 @@ class UpstreamClient:
 
         `Finished` is always the last event of a successful stream.
         """
+        batches = self.stream_batches(request, stats=stats)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def stream_batches(
+        self, request: GenerationRequest, *, stats: StreamStats | None = None
+    ) -> AsyncGenerator[list[UpstreamEvent], None]:
+        """`stream()`, a wake-up at a time: the events read since the last one, as an
+        `EventBatch` (with the time the oldest was read) when they came from the wire.
+        The relay's path: no hop per event."""
         stats = stats if stats is not None else StreamStats()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -269,8 +300,7 @@ class UpstreamClient:
                 batches = self._acquire(request, messages, progress, stats, started)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
-                        for event in batch:
-                            yield event
+                        yield batch
                 stats.end_s = time.monotonic() - stats.started
                 return
             except UpstreamError as error:
@@ -281,27 +311,31 @@ class UpstreamClient:
                 stats.recoveries += 1
                 log.warning("mid-stream {} after {} tokens: {}", mode, progress.tokens, error.type)
                 if mode == "restart":
-                    yield Status(
-                        "reset",
-                        {
-                            "reason": error.type,
-                            "tokens_discarded": progress.tokens,
-                            "provider": error.provider,
-                        },
-                    )
+                    yield [
+                        Status(
+                            "reset",
+                            {
+                                "reason": error.type,
+                                "tokens_discarded": progress.tokens,
+                                "provider": error.provider,
+                            },
+                        )
+                    ]
                     progress.transcript = StreamTranscript()
                     messages = request.messages
                 else:
-                    yield Status(
-                        "resuming",
-                        {
-                            "reason": error.type,
-                            "mode": "continue",
-                            "tokens_received": progress.tokens,
-                            "provider": error.provider,
-                            "seam": True,  # the text after this point is a continuation
-                        },
-                    )
+                    yield [
+                        Status(
+                            "resuming",
+                            {
+                                "reason": error.type,
+                                "mode": "continue",
+                                "tokens_received": progress.tokens,
+                                "provider": error.provider,
+                                "seam": True,  # the text after this point is a continuation
+                            },
+                        )
+                    ]
                     messages = [
                         *request.messages,
                         {"role": "assistant", "content": progress.transcript.content},
@@ -463,7 +497,7 @@ class UpstreamClient:
 
     async def _open(
         self, read: _Read, request: GenerationRequest, watchdog: ReadWatchdog, first_at: float
-    ) -> httpx.Response:
+    ) -> Response:
         """Send the request; return the response of a stream that began (200, SSE)."""
         provider, model = cast(Provider, read.parser.provider), read.parser.model
         headers = {"Accept": "text/event-stream", "Accept-Encoding": ACCEPT_ENCODING}
@@ -473,17 +507,24 @@ class UpstreamClient:
         url = self.settings.base_url_for(provider).rstrip("/") + "/chat/completions"
         body = self._body(provider, model, request, read.messages)
         connect = read.deadlines.limits.connect_s
-        timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
-        http_request = self._http.build_request(
-            "POST", url, json=body, headers=headers, timeout=timeout
-        )
         deadline, phase = read.deadlines.first_token_at(first_at)
+        sending: Awaitable[Response]
+        if self._protocol_reader and not _proxied(url):
+            if self._ssl is None and url.startswith("https:"):
+                self._ssl = httpx.create_ssl_context()
+            sending = post_stream(
+                url, headers, orjson.dumps(body), connect_timeout_s=connect, ssl_context=self._ssl
+            )
+        else:
+            timeout = httpx.Timeout(connect=connect, read=None, write=connect, pool=connect)
+            http_request = self._http.build_request(
+                "POST", url, json=body, headers=headers, timeout=timeout
+            )
+            sending = self._http.send(http_request, stream=True)
         try:
             with map_httpx_exceptions(provider, clean=self.clean):
                 try:
-                    response: httpx.Response = await watchdog.read(
-                        self._http.send(http_request, stream=True), deadline, phase
-                    )
+                    response: Response = await watchdog.read(sending, deadline, phase)
                 except httpx.ConnectTimeout:
                     raise ReadTimeout("connect") from None
         except ReadTimeout as timeout_exc:
@@ -513,12 +554,13 @@ class UpstreamClient:
     async def _read_events(
         self,
         read: _Read,
-        response: httpx.Response,
+        response: Response,
         stats: StreamStats,
         watchdog: ReadWatchdog,
         first_at: float,
     ) -> AsyncGenerator[list[UpstreamEvent], None]:
-        loop = asyncio.get_running_loop()
+        """The events of the body, a wake-up at a time (`EventBuffer`): each read is
+        decoded where it arrives, and this generator runs once per window, not per read."""
         settings = self.settings
         decoder = SSEDecoder(
             max_line_bytes=settings.relay_max_sse_line_bytes,
@@ -530,39 +572,62 @@ class UpstreamClient:
             )
         except BodyLimitError as exc:
             raise self._malformed(read, str(exc)) from None
-        chunks = response.aiter_raw()
         parser = read.parser
+        buffer = EventBuffer(
+            self._decoder(read, body, decoder, stats),
+            lambda: parser.done or read.error is not None,
+            self._wheel,
+            window_s=settings.relay_max_batch_delay_ms / 1000,
+            max_events=settings.relay_batch_size,
+        )
+        source = response if isinstance(response, H1Response) else HttpxBody(response)
+        buffer.attach(source)
+        source.attach(buffer)
         deadlines = read.deadlines
-        while not parser.done:
-            deadline, phase = deadlines.next(loop.time(), read.produced, first_at)
-            try:
-                watchdog.arm(deadline, phase)
-                data = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except asyncio.CancelledError:
-                if not watchdog.timed_out():
-                    raise
-                raise self._timeout(read, watchdog.phase) from None
-            except (ReadTimeout, httpx.HTTPError) as exc:
-                raise self._read_failed(read, exc) from exc
-            finally:
-                watchdog.disarm()
+        try:
+            while True:
+                deadline, phase = deadlines.next(buffer.last_data_at, read.produced, first_at)
+                try:
+                    batch = await watchdog.read(buffer.take(), deadline, phase)
+                except ReadTimeout as exc:
+                    raise self._timeout(read, exc.phase) from None
+                except httpx.HTTPError as exc:
+                    raise self._read_failed(read, exc) from exc
+                if batch is None:
+                    break  # the buffer is drained and ended (end of body, done, or error)
+                if batch:
+                    yield batch
+        finally:
+            if isinstance(source, HttpxBody):
+                await source.aclose()
+        # Only now: events read before the end or a failure were all yielded first,
+        # however late the consumer came back for them.
+        if read.error is not None:
+            raise read.error
+        if not parser.done:
+            yield self._end_of_stream(read, decoder)
+
+    def _decoder(
+        self, read: _Read, body: BodyDecoder, decoder: SSEDecoder, stats: StreamStats
+    ) -> Callable[[bytes], list[UpstreamEvent]]:
+        """What one read decodes to, synchronously: body, SSE, chunks, accounting. A
+        failure is left in `read.error` after the events before it."""
+        parser = read.parser
+
+        def decode(data: bytes) -> list[UpstreamEvent]:
+            out: list[UpstreamEvent] = []
             try:
                 # Identity (the usual case): one piece, counted without a generator.
                 pieces = (body.count(data),) if body.identity else body.feed(data)
                 for piece in pieces:
-                    batch = self._piece(read, decoder, piece, stats)
-                    if batch:
-                        yield batch
-                    if read.error is not None:
-                        raise read.error
-                    if parser.done:
+                    out += self._piece(read, decoder, piece, stats)
+                    if read.error is not None or parser.done:
                         break
             except BodyLimitError as exc:
-                raise self._malformed(read, str(exc)) from None
-        if not parser.done:
-            yield self._end_of_stream(read, decoder)
+                read.error = self._malformed(read, str(exc))
+            return out
+
+        return decode
 
     def _read_failed(self, read: _Read, exc: ReadTimeout | httpx.HTTPError) -> UpstreamError:
         if isinstance(exc, ReadTimeout):
@@ -591,7 +656,7 @@ class UpstreamClient:
 
     async def _check_response(
         self,
-        response: httpx.Response,
+        response: Response,
         read: _Read,
         stats: StreamStats,
         watchdog: ReadWatchdog,
@@ -697,7 +762,7 @@ class UpstreamClient:
         return error
 
     async def _status_error(
-        self, response: httpx.Response, read: _Read, watchdog: ReadWatchdog, first_at: float
+        self, response: Response, read: _Read, watchdog: ReadWatchdog, first_at: float
     ) -> UpstreamError:
         provider = read.parser.provider
         body = b""
@@ -717,7 +782,7 @@ class UpstreamClient:
         )
 
     async def _not_a_stream(
-        self, response: httpx.Response, read: _Read, watchdog: ReadWatchdog, first_at: float
+        self, response: Response, read: _Read, watchdog: ReadWatchdog, first_at: float
     ) -> UpstreamError:
         """A 200 that is not an event stream: a JSON error, or a proxy's HTML page."""
         error = await self._status_error(response, read, watchdog, first_at)
@@ -732,7 +797,7 @@ class UpstreamClient:
         return error
 
     @staticmethod
-    async def _read_capped(response: httpx.Response) -> bytes:
+    async def _read_capped(response: Response) -> bytes:
         """At most MAX_ERROR_BODY_BYTES of the decoded body (a bomb stops there too)."""
         decoder = BodyDecoder(response.headers.get("content-encoding", "identity"), 1 << 62)
         parts: list[bytes] = []
