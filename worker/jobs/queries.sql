@@ -158,27 +158,53 @@ SELECT public.cancel_llm_request(%(id)s::uuid) AS status;
 
 -- name: append_chunks
 -- The write-ahead token log: every stream's new tokens in one statement (one commit
--- per flush of the worker's writer, whatever the number of streams). Fenced by the
--- lease: FOR KEY SHARE makes a concurrent claim (FOR UPDATE SKIP LOCKED) pass this
--- row by until we commit, and after a claim committed the re-check of the WHERE
--- clause on the newest row version finds another owner, so nothing is written.
--- ON CONFLICT DO NOTHING: an offset, once written, is never replaced. The caller
--- compares what came back with what it sent.
-WITH owned AS (
+-- per flush of the worker's writer, whatever the number of streams). The worker
+-- sends one JSON parameter, a run per relay batch: [[request_id, first offset, kind,
+-- [text, ...]], ...], and gets back one row: so its cost is per batch, not per token
+-- (the table keeps a row per token: PostgREST readers see no difference).
+-- Fenced by the lease: FOR KEY SHARE makes a concurrent claim (FOR UPDATE SKIP
+-- LOCKED) pass this row by until we commit, and after a claim committed the re-check
+-- of the WHERE clause on the newest row version finds another owner, so nothing is
+-- written. ON CONFLICT DO NOTHING: an offset, once written, is never replaced.
+-- `short`: the (0-based) runs not every offset of which this statement wrote; the
+-- join on the inserted keys counts an offset for every run that carried it, as the
+-- caller's check of the returned keys did when RETURNING sent one row per token.
+WITH runs AS (
+  SELECT r.run - 1 AS run, (r.value ->> 0)::uuid AS request_id,
+         (r.value ->> 1)::integer AS first_offset, r.value ->> 2 AS kind, r.value -> 3 AS texts
+  FROM json_array_elements(%(runs)s::json) WITH ORDINALITY AS r(value, run)
+),
+tokens AS MATERIALIZED (
+  SELECT runs.run, runs.request_id, runs.first_offset + t.i::integer - 1 AS token_offset,
+         runs.kind, t.text
+  FROM runs, json_array_elements_text(runs.texts) WITH ORDINALITY AS t(text, i)
+),
+owned AS (
   SELECT id
   FROM public.llm_requests
   WHERE id = ANY(%(ids)s::uuid[])
     AND lease_owner = %(worker)s
     AND status = 'running'
   FOR KEY SHARE
+),
+ins AS (
+  INSERT INTO public.llm_request_chunks (request_id, token_offset, kind, text)
+  SELECT tokens.request_id, tokens.token_offset, tokens.kind, tokens.text
+  FROM tokens
+  JOIN owned ON owned.id = tokens.request_id
+  ON CONFLICT DO NOTHING
+  RETURNING request_id, token_offset
 )
-INSERT INTO public.llm_request_chunks (request_id, token_offset, kind, text)
-SELECT u.request_id, u.token_offset, u.kind, u.text
-FROM unnest(%(request_ids)s::uuid[], %(offsets)s::integer[], %(kinds)s::text[],
-            %(texts)s::text[]) AS u(request_id, token_offset, kind, text)
-JOIN owned ON owned.id = u.request_id
-ON CONFLICT DO NOTHING
-RETURNING request_id, token_offset;
+SELECT
+  (SELECT count(*) FROM ins)::integer AS written,
+  ARRAY(
+    SELECT tokens.run
+    FROM tokens
+    LEFT JOIN ins USING (request_id, token_offset)
+    GROUP BY tokens.run
+    HAVING count(ins.request_id) < count(*)
+    ORDER BY tokens.run
+  ) AS short;
 
 -- name: read_chunks
 -- The log of one request from an offset on (the heir of a dead worker reads it).
