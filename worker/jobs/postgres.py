@@ -177,9 +177,10 @@ class PostgresJobRepository(JobRepository):
             {
                 "worker": worker,
                 "ids": sorted({r.job_id for r in runs}),
-                # Serialized in C, once per statement: psycopg would dump (and the
-                # server parse) one array element per token per column otherwise.
-                "runs": Json([(r.job_id, r.offset, r.kind, r.texts) for r in runs], orjson.dumps),
+                # Serialized in C (orjson writes the dataclasses as they are), once
+                # per statement: psycopg would dump one array element per token and
+                # column otherwise.
+                "runs": Json(runs, orjson.dumps),
             },
         )
         if row is None:  # an aggregate always has its one row

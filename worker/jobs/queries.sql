@@ -159,25 +159,23 @@ SELECT public.cancel_llm_request(%(id)s::uuid) AS status;
 -- name: append_chunks
 -- The write-ahead token log: every stream's new tokens in one statement (one commit
 -- per flush of the worker's writer, whatever the number of streams). The worker
--- sends one JSON parameter, a run per relay batch: [[request_id, first offset, kind,
--- [text, ...]], ...], and gets back one row: so its cost is per batch, not per token
--- (the table keeps a row per token: PostgREST readers see no difference).
+-- sends one JSON parameter, a run per relay batch (`ChunkRun` as orjson writes it:
+-- [{"job_id", "offset" (of the first text), "kind", "texts": [...]}, ...]), and gets
+-- back one row: so its cost is per batch, not per token (the table keeps a row per
+-- token: PostgREST readers see no difference).
 -- Fenced by the lease: FOR KEY SHARE makes a concurrent claim (FOR UPDATE SKIP
 -- LOCKED) pass this row by until we commit, and after a claim committed the re-check
 -- of the WHERE clause on the newest row version finds another owner, so nothing is
 -- written. ON CONFLICT DO NOTHING: an offset, once written, is never replaced.
--- `short`: the (0-based) runs not every offset of which this statement wrote; the
--- join on the inserted keys counts an offset for every run that carried it, as the
--- caller's check of the returned keys did when RETURNING sent one row per token.
+-- `written`: rows inserted. `short`: the (0-based) runs not every offset of which
+-- this statement wrote. An inserted offset counts for every run that carried it, as
+-- when the caller checked each token's key against a RETURNING row per token.
 WITH runs AS (
-  SELECT r.run - 1 AS run, (r.value ->> 0)::uuid AS request_id,
-         (r.value ->> 1)::integer AS first_offset, r.value ->> 2 AS kind, r.value -> 3 AS texts
-  FROM json_array_elements(%(runs)s::json) WITH ORDINALITY AS r(value, run)
-),
-tokens AS MATERIALIZED (
-  SELECT runs.run, runs.request_id, runs.first_offset + t.i::integer - 1 AS token_offset,
-         runs.kind, t.text
-  FROM runs, json_array_elements_text(runs.texts) WITH ORDINALITY AS t(text, i)
+  SELECT r.run - 1 AS run, r.job_id AS request_id, r."offset" AS first_offset, r.kind,
+         r.texts, json_array_length(r.texts) AS n
+  FROM ROWS FROM (
+    json_to_recordset(%(runs)s::json) AS (job_id uuid, "offset" integer, kind text, texts json)
+  ) WITH ORDINALITY AS r(job_id, "offset", kind, texts, run)
 ),
 owned AS (
   SELECT id
@@ -189,21 +187,38 @@ owned AS (
 ),
 ins AS (
   INSERT INTO public.llm_request_chunks (request_id, token_offset, kind, text)
-  SELECT tokens.request_id, tokens.token_offset, tokens.kind, tokens.text
-  FROM tokens
-  JOIN owned ON owned.id = tokens.request_id
+  SELECT runs.request_id, runs.first_offset + t.i::integer - 1, runs.kind, t.text
+  FROM runs
+  JOIN owned ON owned.id = runs.request_id
+  CROSS JOIN LATERAL json_array_elements_text(runs.texts) WITH ORDINALITY AS t(text, i)
   ON CONFLICT DO NOTHING
   RETURNING request_id, token_offset
+),
+landed AS (
+  SELECT request_id, count(*) AS n FROM ins GROUP BY request_id
+),
+-- A request as many of whose offsets landed as its runs carry has every run whole
+-- (landed <= distinct offsets sent <= their sum). Only the others, rare (a lease
+-- lost, an offset taken, runs overlapping), are judged run by run, offset by offset.
+unsure AS (
+  SELECT runs.request_id
+  FROM runs
+  LEFT JOIN landed USING (request_id)
+  GROUP BY runs.request_id, landed.n
+  HAVING coalesce(landed.n, 0) < sum(runs.n)
 )
 SELECT
-  (SELECT count(*) FROM ins)::integer AS written,
+  (SELECT coalesce(sum(n), 0) FROM landed)::integer AS written,
   ARRAY(
-    SELECT tokens.run
-    FROM tokens
-    LEFT JOIN ins USING (request_id, token_offset)
-    GROUP BY tokens.run
-    HAVING count(ins.request_id) < count(*)
-    ORDER BY tokens.run
+    SELECT runs.run
+    FROM runs
+    JOIN unsure USING (request_id)
+    CROSS JOIN LATERAL generate_series(runs.first_offset, runs.first_offset + runs.n - 1)
+      AS o(token_offset)
+    LEFT JOIN ins ON ins.request_id = runs.request_id AND ins.token_offset = o.token_offset
+    GROUP BY runs.run, runs.n
+    HAVING count(ins.request_id) < runs.n
+    ORDER BY runs.run
   ) AS short;
 
 -- name: read_chunks
