@@ -62,7 +62,8 @@ class Chunk:
 class ChunkRun:
     """Consecutive tokens of one kind for the write-ahead log: `texts[i]` is the row
     at offset `offset + i`. The log is written per run (one relay batch), so the
-    worker's cost is per batch, not per token; the table still has a row per token."""
+    worker's cost is per batch, not per token; the table still has a row per token.
+    orjson writes it as it is: the field names are `append_chunks`' JSON keys."""
 
     job_id: str
     offset: int
