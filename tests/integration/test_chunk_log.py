@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from devstack.jwt import api_key, user_token
 from devstack.postgrest import PostgrestServer
 from worker.errors import LeaseLost
-from worker.jobs import Chunk, NewRequest, PostgresJobRepository, Result, Snapshot
+from worker.jobs import Appended, ChunkRun, NewRequest, PostgresJobRepository, Result, Snapshot
 from worker.jobs.chunklog import ChunkLog
 
 pytestmark = pytest.mark.integration
@@ -47,8 +47,8 @@ def as_user(user: str) -> dict[str, str]:
     return {"apikey": api_key("anon"), "Authorization": f"Bearer {user_token(user)}"}
 
 
-def chunks(job_id: str, start: int, texts: list[str], kind: str = "content") -> list[Chunk]:
-    return [Chunk(job_id, start + i, kind, t) for i, t in enumerate(texts)]
+def chunks(job_id: str, start: int, texts: list[str], kind: str = "content") -> list[ChunkRun]:
+    return [ChunkRun(job_id, start, kind, tuple(texts))]
 
 
 @pytest.fixture
@@ -87,8 +87,13 @@ async def test_a_worker_whose_lease_was_reclaimed_writes_nothing(
     with pytest.raises(LeaseLost):
         await log.append(job, chunks(job, 2, ["zombie"]))
     # An offset, once written, is never replaced (even by the owner).
-    assert await repo.append_chunks(worker="w2", chunks=chunks(job, 1, ["B", "c"])) == {(job, 2)}
-    assert [c.text for c in await repo.read_chunks(job, 0)] == ["a", "b", "c"]
+    appended = await repo.append_chunks(worker="w2", runs=chunks(job, 1, ["B", "c"]))
+    assert appended == Appended(rows=1, short=frozenset({0}))
+    assert [(c.offset, c.text) for c in await repo.read_chunks(job, 0)] == [
+        (0, "a"),
+        (1, "b"),
+        (2, "c"),
+    ]
 
 
 async def test_the_heir_starts_at_the_last_durable_offset(
@@ -149,3 +154,121 @@ async def test_the_log_of_a_finished_request_is_deleted_after_the_retention(
     assert await repo.read_chunks(job_id, 0) == []
     record = await repo.get(job_id)
     assert record is not None and record.snapshot.content == "xy"  # the compacted row
+
+
+# Everything a token may hold once made storable upstream (NUL and lone surrogates are
+# U+FFFD by then): JSON's escapes, multi-byte and astral characters, and one token far
+# longer than any a model sends.
+WORST_CASE_TEXTS = [
+    "\ufffd",
+    'say "hi"',
+    "back\\slash \\u0000 \\n",
+    "line\nbreak\r\n\ttab",
+    "\x01\x1f\x7f",
+    "🦀 café 世界 \u2028\u2029",
+    "",
+    "x" * 30_000,
+    "\ufffd🦀\ufffd" * 1000,
+]
+
+
+async def test_a_run_of_the_worst_texts_round_trips_byte_exact(
+    repo: PostgresJobRepository, log: ChunkLog, rest: TestClient[Any, Any]
+) -> None:
+    [job_id] = await claimed(repo, "w1", 1)
+    await log.append(job_id, chunks(job_id, 0, WORST_CASE_TEXTS, kind="reasoning"))
+    read = await repo.read_chunks(job_id, 0)
+    assert [(c.offset, c.kind) for c in read] == [
+        (i, "reasoning") for i in range(len(WORST_CASE_TEXTS))
+    ]
+    assert [c.text.encode() for c in read] == [t.encode() for t in WORST_CASE_TEXTS]
+    # The clients' read (PostgREST, one row per token) sees the same bytes.
+    got = await rest.get(
+        f"/rest/v1/llm_request_chunks?select=token_offset,text&request_id=eq.{job_id}"
+        "&order=token_offset",
+        headers=as_user(USER_A),
+    )
+    assert got.status == 200
+    assert [row["text"].encode() for row in await got.json()] == [
+        t.encode() for t in WORST_CASE_TEXTS
+    ]
+
+
+async def test_a_run_partly_over_a_written_offset_is_lease_lost_and_replaces_nothing(
+    repo: PostgresJobRepository, log: ChunkLog
+) -> None:
+    [job] = await claimed(repo, "w1", 1)
+    await log.append(job, chunks(job, 0, ["a", "b"]))
+    with pytest.raises(LeaseLost):
+        await log.append(job, chunks(job, 1, ["B", "c", "d"]))
+    # As before: the free offsets of the run landed, the taken one kept its token.
+    assert [(c.offset, c.text) for c in await repo.read_chunks(job, 0)] == [
+        (0, "a"),
+        (1, "b"),
+        (2, "c"),
+        (3, "d"),
+    ]
+    # The same owner sending the same offsets again: nothing lands, so not durable.
+    with pytest.raises(LeaseLost):
+        await log.append(job, chunks(job, 2, ["c", "d"]))
+
+
+async def test_in_one_statement_only_the_stream_whose_lease_was_taken_is_lease_lost(
+    repo: PostgresJobRepository, log: ChunkLog
+) -> None:
+    kept, taken = await claimed(repo, "w1", 2)
+    await log.append(taken, chunks(taken, 0, ["t"]))
+    async with repo.driver.connection() as conn:
+        await conn.execute(
+            "UPDATE public.llm_requests SET lease_owner = 'w2' WHERE id = %(id)s", {"id": taken}
+        )
+    before = log.stats.statements
+    results = await asyncio.gather(
+        log.append(kept, chunks(kept, 0, ["k0", "k1"]) + chunks(kept, 2, ["r"], "reasoning")),
+        log.append(taken, chunks(taken, 1, ["zombie", "more"])),
+        return_exceptions=True,
+    )
+    assert log.stats.statements == before + 1
+    assert results[0] is None and isinstance(results[1], LeaseLost)
+    assert [(c.offset, c.kind, c.text) for c in await repo.read_chunks(kept, 0)] == [
+        (0, "content", "k0"),
+        (1, "content", "k1"),
+        (2, "reasoning", "r"),
+    ]
+    assert [c.text for c in await repo.read_chunks(taken, 0)] == ["t"]  # nothing written
+
+
+async def test_the_runs_of_one_stream_in_one_statement_are_judged_each_on_its_own(
+    repo: PostgresJobRepository, log: ChunkLog
+) -> None:
+    [job] = await claimed(repo, "w1", 1)
+    await log.append(job, chunks(job, 0, ["a"]))
+    # Writes are pipelined: a stream's next batches may share a statement with the
+    # ones before. Only the one over a taken offset is not durable.
+    before = log.stats.statements
+    results = await asyncio.gather(
+        log.append(job, chunks(job, 1, ["b", "c"])),
+        log.append(job, chunks(job, 0, ["A", "x"])),
+        log.append(job, chunks(job, 5, ["f"])),
+        return_exceptions=True,
+    )
+    assert log.stats.statements == before + 1
+    assert results[0] is None and isinstance(results[1], LeaseLost) and results[2] is None
+    assert [(c.offset, c.text) for c in await repo.read_chunks(job, 0)] == [
+        (0, "a"),
+        (1, "b"),
+        (2, "c"),
+        (5, "f"),
+    ]
+
+
+async def test_an_offset_two_runs_of_one_statement_carry_counts_for_both(
+    repo: PostgresJobRepository,
+) -> None:
+    # As when every written key came back: each run's offsets were all written by
+    # this statement (once), so neither is short.
+    [job] = await claimed(repo, "w1", 1)
+    runs = chunks(job, 0, ["a", "b"]) + chunks(job, 1, ["B", "c"])
+    assert await repo.append_chunks(worker="w1", runs=runs) == Appended(3, frozenset())
+    assert [c.text for c in await repo.read_chunks(job, 0)] == ["a", "b", "c"]
+    assert await repo.append_chunks(worker="w1", runs=[]) == Appended(0, frozenset())

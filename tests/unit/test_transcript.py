@@ -9,7 +9,7 @@ import pytest
 
 from worker.errors import LeaseLost, QueueError
 from worker.jobs.chunklog import ChunkLog
-from worker.jobs.models import Chunk, NewRequest
+from worker.jobs.models import ChunkRun, NewRequest
 from worker.jobs.testing import InMemoryJobRepository
 from worker.transcript import StreamTranscript, ToolCall
 from worker.upstream.events import Finished, Refusal, Status, Token, ToolCallDelta
@@ -63,11 +63,11 @@ async def test_the_log_rides_out_an_outage_and_fences_a_lost_lease() -> None:
     writer = asyncio.create_task(log.run())
     try:
         repo.fail_next = QueueError("connection refused")
-        await asyncio.wait_for(log.append(a, [Chunk(a, 0, "content", "x")]), 5)
+        await asyncio.wait_for(log.append(a, [ChunkRun(a, 0, "content", ("x",))]), 5)
         assert log.stats.failures == 1 and [c.text for c in repo.rows[a].chunks.values()] == ["x"]
         repo.rows[b].lease_owner = "someone-else"
         with pytest.raises(LeaseLost):
-            await asyncio.wait_for(log.append(b, [Chunk(b, 0, "content", "y")]), 5)
+            await asyncio.wait_for(log.append(b, [ChunkRun(b, 0, "content", ("y",))]), 5)
         assert repo.rows[b].chunks == {}
     finally:
         writer.cancel()

@@ -4,7 +4,9 @@
 """
 
 from worker.jobs.models import (
+    Appended,
     Chunk,
+    ChunkRun,
     Job,
     JobRecord,
     JobStatus,
@@ -20,7 +22,9 @@ from worker.jobs.postgres import PostgresJobRepository
 from worker.jobs.repository import JobRepository
 
 __all__ = [
+    "Appended",
     "Chunk",
+    "ChunkRun",
     "Job",
     "JobRecord",
     "JobRepository",

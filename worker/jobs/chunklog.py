@@ -8,6 +8,9 @@
   that is pending in a single multi-row statement, and while it runs the next group
   gathers. A stream waits for one commit, not one per stream, and the database sees
   one statement per flush whatever the number of streams.
+- **Per batch.** A stream appends runs (`ChunkRun`, one per relay batch), sent as one
+  JSON parameter and answered with one row: the worker's cost is per batch, while the
+  table keeps its row per token for the readers.
 - **Fenced.** The insert writes only the rows of requests whose lease this worker
   holds and never replaces an offset (see `append_chunks` in queries.sql). A stream
   whose rows did not all land gets `LeaseLost`: it must not broadcast them.
@@ -33,7 +36,7 @@ from loguru import logger
 
 from worker.backoff import backoff_delay
 from worker.errors import LeaseLost, QueueError
-from worker.jobs.models import Chunk, Job, Snapshot
+from worker.jobs.models import ChunkRun, Job, Snapshot
 from worker.jobs.repository import JobRepository
 from worker.transcript import StreamTranscript
 
@@ -46,10 +49,11 @@ PRUNE_INTERVAL_S = 60.0
 MAX_ROWS_PER_STATEMENT = 20_000
 
 
-@dataclass
+@dataclass(slots=True)
 class _Append:
     job_id: str
-    chunks: list[Chunk]
+    runs: tuple[ChunkRun, ...]
+    rows: int  # tokens in `runs`: what MAX_ROWS_PER_STATEMENT bounds
     done: asyncio.Future[None]
 
 
@@ -84,15 +88,18 @@ class ChunkLog:
 
     # --- the streams' side ---
 
-    async def append(self, job_id: str, chunks: Sequence[Chunk]) -> None:
-        """Return once `chunks` are durable.
+    async def append(self, job_id: str, runs: Sequence[ChunkRun]) -> None:
+        """Return once every token of `runs` is durable.
 
         Raises:
-            LeaseLost: not every chunk landed (another worker owns the request now).
+            LeaseLost: not every token landed (another worker owns the request now, or
+                an offset was already written).
         """
-        if not chunks:
+        kept = tuple(r for r in runs if r.texts)
+        if not kept:
             return
-        entry = _Append(job_id, list(chunks), asyncio.get_running_loop().create_future())
+        rows = sum(len(r.texts) for r in kept)
+        entry = _Append(job_id, kept, rows, asyncio.get_running_loop().create_future())
         self._pending.append(entry)
         self._wake.set()
         try:
@@ -142,14 +149,14 @@ class ChunkLog:
             if entry.done.done():
                 continue
             group.append(entry)
-            rows += len(entry.chunks)
+            rows += entry.rows
         if not group:
             return
-        chunks = [c for entry in group for c in entry.chunks]
         attempt = 0
         while True:
+            runs = [r for entry in group for r in entry.runs]
             try:
-                written = await self._repo.append_chunks(worker=self.worker, chunks=chunks)
+                written = await self._repo.append_chunks(worker=self.worker, runs=runs)
                 break
             except QueueError as exc:
                 self.stats.failures += 1
@@ -160,14 +167,18 @@ class ChunkLog:
                 group = [e for e in group if not e.done.done()]
                 if not group:
                     return
-                chunks = [c for entry in group for c in entry.chunks]
         self.stats.statements += 1
-        self.stats.rows += len(written)
+        self.stats.rows += written.rows
         self.stats.streams_per_statement.append(len({e.job_id for e in group}))
-        for entry in group:
+        # `short` indexes `runs`: map each short run back to the entry that sent it.
+        failed: set[int] = set()
+        if written.short:
+            owner = [k for k, entry in enumerate(group) for _ in entry.runs]
+            failed = {owner[i] for i in written.short}
+        for k, entry in enumerate(group):
             if entry.done.done():
                 continue
-            if all((c.job_id, c.offset) in written for c in entry.chunks):
+            if k not in failed:
                 entry.done.set_result(None)
             else:
                 entry.done.set_exception(

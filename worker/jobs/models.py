@@ -59,6 +59,29 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkRun:
+    """Consecutive tokens of one kind for the write-ahead log: `texts[i]` is the row
+    at offset `offset + i`. The log is written per run (one relay batch), so the
+    worker's cost is per batch, not per token; the table still has a row per token.
+    orjson writes it as it is: the field names are `append_chunks`' JSON keys."""
+
+    job_id: str
+    offset: int
+    kind: str  # "content" | "reasoning"
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What one `append_chunks` statement wrote."""
+
+    rows: int
+    # Indexes (into the runs sent) of the runs not every token of which this statement
+    # wrote: the lease was not held, or an offset was already taken.
+    short: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A claimed request, as the worker sees it (inputs are not validated yet)."""
 

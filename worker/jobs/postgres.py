@@ -6,16 +6,19 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import orjson
 from loguru import logger
 from psycopg.rows import DictRow
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
 
 from worker.errors import LeaseLost, QueueError
 from worker.jobs.decode import decode_column
 from worker.jobs.driver import DEFAULT_CALL_TIMEOUT_S, Connection, PsycopgDriver
 from worker.jobs.models import (
     NOTIFY_CHANNEL,
+    Appended,
     Chunk,
+    ChunkRun,
     Job,
     JobRecord,
     JobStatus,
@@ -166,21 +169,23 @@ class PostgresJobRepository(JobRepository):
             raise LeaseLost("lease lost before checkpoint", job_id=job_id)
         return bool(row["cancel_requested"])
 
-    async def append_chunks(self, *, worker: str, chunks: Sequence[Chunk]) -> set[tuple[str, int]]:
-        if not chunks:
-            return set()
-        rows = await self._driver.fetch_all(
+    async def append_chunks(self, *, worker: str, runs: Sequence[ChunkRun]) -> Appended:
+        if not runs:
+            return Appended(0, frozenset())
+        row = await self._driver.fetch_one(
             query("append_chunks"),
             {
                 "worker": worker,
-                "ids": sorted({c.job_id for c in chunks}),
-                "request_ids": [c.job_id for c in chunks],
-                "offsets": [c.offset for c in chunks],
-                "kinds": [c.kind for c in chunks],
-                "texts": [c.text for c in chunks],
+                "ids": sorted({r.job_id for r in runs}),
+                # Serialized in C (orjson writes the dataclasses as they are), once
+                # per statement: psycopg would dump one array element per token and
+                # column otherwise.
+                "runs": Json(runs, orjson.dumps),
             },
         )
-        return {(str(row["request_id"]), row["token_offset"]) for row in rows}
+        if row is None:  # an aggregate always has its one row
+            raise QueueError("append_chunks returned no row")
+        return Appended(int(row["written"]), frozenset(row["short"]))
 
     async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
         rows = await self._driver.fetch_all(

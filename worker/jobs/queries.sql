@@ -158,27 +158,68 @@ SELECT public.cancel_llm_request(%(id)s::uuid) AS status;
 
 -- name: append_chunks
 -- The write-ahead token log: every stream's new tokens in one statement (one commit
--- per flush of the worker's writer, whatever the number of streams). Fenced by the
--- lease: FOR KEY SHARE makes a concurrent claim (FOR UPDATE SKIP LOCKED) pass this
--- row by until we commit, and after a claim committed the re-check of the WHERE
--- clause on the newest row version finds another owner, so nothing is written.
--- ON CONFLICT DO NOTHING: an offset, once written, is never replaced. The caller
--- compares what came back with what it sent.
-WITH owned AS (
+-- per flush of the worker's writer, whatever the number of streams). The worker
+-- sends one JSON parameter, a run per relay batch (`ChunkRun` as orjson writes it:
+-- [{"job_id", "offset" (of the first text), "kind", "texts": [...]}, ...]), and gets
+-- back one row: so its cost is per batch, not per token (the table keeps a row per
+-- token: PostgREST readers see no difference).
+-- Fenced by the lease: FOR KEY SHARE makes a concurrent claim (FOR UPDATE SKIP
+-- LOCKED) pass this row by until we commit, and after a claim committed the re-check
+-- of the WHERE clause on the newest row version finds another owner, so nothing is
+-- written. ON CONFLICT DO NOTHING: an offset, once written, is never replaced.
+-- `written`: rows inserted. `short`: the (0-based) runs not every offset of which
+-- this statement wrote. An inserted offset counts for every run that carried it, as
+-- when the caller checked each token's key against a RETURNING row per token.
+WITH runs AS (
+  SELECT r.run - 1 AS run, r.job_id AS request_id, r."offset" AS first_offset, r.kind,
+         r.texts, json_array_length(r.texts) AS n
+  FROM ROWS FROM (
+    json_to_recordset(%(runs)s::json) AS (job_id uuid, "offset" integer, kind text, texts json)
+  ) WITH ORDINALITY AS r(job_id, "offset", kind, texts, run)
+),
+owned AS (
   SELECT id
   FROM public.llm_requests
   WHERE id = ANY(%(ids)s::uuid[])
     AND lease_owner = %(worker)s
     AND status = 'running'
   FOR KEY SHARE
+),
+ins AS (
+  INSERT INTO public.llm_request_chunks (request_id, token_offset, kind, text)
+  SELECT runs.request_id, runs.first_offset + t.i::integer - 1, runs.kind, t.text
+  FROM runs
+  JOIN owned ON owned.id = runs.request_id
+  CROSS JOIN LATERAL json_array_elements_text(runs.texts) WITH ORDINALITY AS t(text, i)
+  ON CONFLICT DO NOTHING
+  RETURNING request_id, token_offset
+),
+landed AS (
+  SELECT request_id, count(*) AS n FROM ins GROUP BY request_id
+),
+-- A request as many of whose offsets landed as its runs carry has every run whole
+-- (landed <= distinct offsets sent <= their sum). Only the others, rare (a lease
+-- lost, an offset taken, runs overlapping), are judged run by run, offset by offset.
+unsure AS (
+  SELECT runs.request_id
+  FROM runs
+  LEFT JOIN landed USING (request_id)
+  GROUP BY runs.request_id, landed.n
+  HAVING coalesce(landed.n, 0) < sum(runs.n)
 )
-INSERT INTO public.llm_request_chunks (request_id, token_offset, kind, text)
-SELECT u.request_id, u.token_offset, u.kind, u.text
-FROM unnest(%(request_ids)s::uuid[], %(offsets)s::integer[], %(kinds)s::text[],
-            %(texts)s::text[]) AS u(request_id, token_offset, kind, text)
-JOIN owned ON owned.id = u.request_id
-ON CONFLICT DO NOTHING
-RETURNING request_id, token_offset;
+SELECT
+  (SELECT coalesce(sum(n), 0) FROM landed)::integer AS written,
+  ARRAY(
+    SELECT runs.run
+    FROM runs
+    JOIN unsure USING (request_id)
+    CROSS JOIN LATERAL generate_series(runs.first_offset, runs.first_offset + runs.n - 1)
+      AS o(token_offset)
+    LEFT JOIN ins ON ins.request_id = runs.request_id AND ins.token_offset = o.token_offset
+    GROUP BY runs.run, runs.n
+    HAVING count(ins.request_id) < runs.n
+    ORDER BY runs.run
+  ) AS short;
 
 -- name: read_chunks
 -- The log of one request from an offset on (the heir of a dead worker reads it).

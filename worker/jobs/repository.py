@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from worker.jobs.models import (
+    Appended,
     Chunk,
+    ChunkRun,
     Job,
     JobRecord,
     JobStatus,
@@ -70,13 +72,16 @@ class JobRepository(abc.ABC):
     # --- the write-ahead token log (worker/jobs/chunklog.py is its one writer) ---
 
     @abc.abstractmethod
-    async def append_chunks(self, *, worker: str, chunks: Sequence[Chunk]) -> set[tuple[str, int]]:
-        """Insert tokens of any number of requests in one statement, fenced by the
-        leases `worker` holds; an offset already written is never replaced.
+    async def append_chunks(self, *, worker: str, runs: Sequence[ChunkRun]) -> Appended:
+        """Insert the tokens of any number of runs (of any requests) in one statement,
+        fenced by the leases `worker` holds; an offset already written is never
+        replaced.
 
         Returns:
-            The (job id, offset) pairs written; a pair missing was not (lease lost, or
-            the offset was taken).
+            The rows written, and which runs were not written whole (lease lost, or an
+            offset was taken). A run counts as written whole when every one of its
+            offsets was written by this statement, even if another run of the same
+            statement carried it too.
         """
 
     @abc.abstractmethod

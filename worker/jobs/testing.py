@@ -16,7 +16,9 @@ from typing import Any
 
 from worker.errors import LeaseLost, QueueError
 from worker.jobs.models import (
+    Appended,
     Chunk,
+    ChunkRun,
     Job,
     JobRecord,
     JobStatus,
@@ -199,16 +201,26 @@ class InMemoryJobRepository(JobRepository):
         row.checkpoints += 1
         return row.cancel_requested
 
-    async def append_chunks(self, *, worker: str, chunks: Sequence[Chunk]) -> set[tuple[str, int]]:
+    async def append_chunks(self, *, worker: str, runs: Sequence[ChunkRun]) -> Appended:
         self._maybe_fail()
+        # As the statement: an offset counts for every run that carried it, as long as
+        # this call wrote it; one already there (or a lease not held) leaves it short.
         written: set[tuple[str, int]] = set()
-        for chunk in chunks:
-            row = self.rows.get(chunk.job_id)
-            if row is None or not self._held(row, worker) or chunk.offset in row.chunks:
+        for run in runs:
+            row = self.rows.get(run.job_id)
+            if row is None or not self._held(row, worker):
                 continue
-            row.chunks[chunk.offset] = chunk
-            written.add((chunk.job_id, chunk.offset))
-        return written
+            for i, text in enumerate(run.texts):
+                offset = run.offset + i
+                if offset not in row.chunks:
+                    row.chunks[offset] = Chunk(run.job_id, offset, run.kind, text)
+                    written.add((run.job_id, offset))
+        short = frozenset(
+            k
+            for k, run in enumerate(runs)
+            if not all((run.job_id, run.offset + i) in written for i in range(len(run.texts)))
+        )
+        return Appended(len(written), short)
 
     async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
         self._maybe_fail()

@@ -39,7 +39,7 @@ from loguru import logger
 from worker.config import Settings
 from worker.errors import LeaseLost, PublishError, UpstreamError
 from worker.jobs.chunklog import ChunkLog
-from worker.jobs.models import Chunk, Job, Snapshot
+from worker.jobs.models import ChunkRun, Job, Snapshot
 from worker.relay.batcher import Batch
 from worker.relay.publisher import Publisher
 from worker.relay.stream import Durable, RelayResult, check_relay_settings, relay_stream
@@ -85,12 +85,9 @@ def snapshot_of(transcript: StreamTranscript) -> Snapshot:
     )
 
 
-def chunks_of(job_id: str, batches: Sequence[Batch]) -> list[Chunk]:
-    return [
-        Chunk(job_id, batch.offset + i, batch.kind, text)
-        for batch in batches
-        for i, text in enumerate(batch.tokens)
-    ]
+def runs_of(job_id: str, batches: Sequence[Batch]) -> list[ChunkRun]:
+    # One run per batch, its token tuple shared: nothing is built per token.
+    return [ChunkRun(job_id, batch.offset, batch.kind, batch.tokens) for batch in batches]
 
 
 def durable_writer(chunk_log: ChunkLog, ctx: StreamContext) -> Durable:
@@ -99,7 +96,7 @@ def durable_writer(chunk_log: ChunkLog, ctx: StreamContext) -> Durable:
 
     async def durable(batches: Sequence[Batch]) -> None:
         try:
-            await chunk_log.append(job_id, chunks_of(job_id, batches))
+            await chunk_log.append(job_id, runs_of(job_id, batches))
         except LeaseLost:
             ctx.abort("lease_lost")
             raise
