@@ -39,11 +39,13 @@ class SlowToCloseUpstream:
     def __init__(self) -> None:
         self.given = 0
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[UpstreamEvent]:
+    async def stream_batches(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[list[UpstreamEvent]]:
         try:
             for text in TOKENS:
                 self.given += 1
-                yield Token("content", text)
+                yield [Token("content", text)]
             await asyncio.Event().wait()
         finally:
             await asyncio.sleep(1.0)  # a congested TLS close, say
