@@ -60,6 +60,7 @@ from worker.relay.wire import EVENT_TOKEN, TokenMessage
 
 SUPERVISE_TICK_S = 0.1
 ACTIVE_WINDOW_S = 2.0  # a stream counts for the fair share this long after its last token
+ACTIVE_RECOUNT_S = 0.05  # how stale that count may be
 # A topic with no open stream and nothing queued leaves its channel after this long
 # (0: right after the stream's last ack; a new stream on the topic joins again).
 TOPIC_LINGER_S = 0.0
@@ -263,6 +264,7 @@ class Publisher:
         self._link_tasks: list[asyncio.Task[None]] = []
         self._topics: dict[str, _Topic] = {}
         self._handles: dict[StreamLedger, StreamHandle] = {}
+        self._active: tuple[float, int] = (float("-inf"), 0)  # (counted at, active streams)
         self._supervisor: asyncio.Task[None] | None = None
         self._lag_watch: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -464,14 +466,22 @@ class Publisher:
             t.last_activity = time.monotonic()
         if handle.outstanding <= 0:
             self._handles.pop(handle.ledger, None)
+        self._active = (float("-inf"), 0)  # a stream fewer: count again
         self._wake.set()
 
     def active_streams(self, now: float) -> int:
-        return sum(
+        """Streams that had a token within ACTIVE_WINDOW_S. Counted at most once per
+        ACTIVE_RECOUNT_S: every stream asks for it, so a count per ask cost O(streams²)."""
+        at, count = self._active
+        if 0 <= now - at < ACTIVE_RECOUNT_S:
+            return count
+        count = sum(
             1
             for h in self._handles.values()
             if not h.closed and now - h.last_activity <= ACTIVE_WINDOW_S
         )
+        self._active = (now, count)
+        return count
 
     def min_interval_s(self, now: float, *, token_rate: float | None = None) -> float:
         """Shortest flush interval of a stream (reading `token_rate` tokens/s).
@@ -628,7 +638,7 @@ class Publisher:
         assert msg.payload is not None
         attempt = msg.attempt
         self._count_first_send(msg)
-        outcome = await self._rest.send([RestMessage(t.name, msg.event, msg.payload)])
+        outcome = await self._rest.submit(RestMessage(t.name, msg.event, msg.payload))
         if outcome == "ok":
             msg.ledger.stats.rest_messages += 1
             self._settle(t, msg, attempt, "ok", route="rest")
