@@ -194,7 +194,11 @@ def _level(args: argparse.Namespace, spec: str, root: Path) -> dict[str, Any]:
                     **({"PYTHONPATH": args.worker_src} if args.worker_src else {}),
                 },
             )
-            worker = run_level(s, level_args, url, n, root)
+            by_reader: dict[str, dict[str, Any]] = {}
+            for reader in args.readers.split(","):
+                level_args.worker_env["RELAY_UPSTREAM_READER"] = reader
+                by_reader[reader] = run_level(s, level_args, url, n, root)
+            worker = next(iter(by_reader.values()))
             raw = _reference("raw", s.upstream_url, n, text_file)
             httpx_ = _reference("httpx", s.upstream_url, n, text_file)
     finally:
@@ -209,6 +213,7 @@ def _level(args: argparse.Namespace, spec: str, root: Path) -> dict[str, Any]:
         "tokens_per_stream": tokens_per_stream,
         "ideal_s": round(ideal, 2),
         "worker": worker,
+        "worker_by_reader": by_reader,
         "worker_wall_over_ideal": round(worker["wall_s"] / ideal, 2),
         "raw_protocol": raw,
         "httpx_orjson": httpx_,
@@ -242,6 +247,23 @@ def render_table(report: dict[str, Any]) -> str:
             f"| {d['worker_cpu_over_floor']}× | {d['httpx_cpu_over_floor']}× "
             f"| {w['worker_cpu_utilization']} core |"
         )
+    compared = [d for d in report["levels"] if len(d.get("worker_by_reader", {})) > 1]
+    if compared:
+        rows += [
+            "",
+            "| streams × tok/s | upstream reader | exact | wall / ideal | worker µs/token "
+            "| ÷ floor | messages / token | worker CPU use |",
+            "|" + "---|" * 8,
+        ]
+        for d in compared:
+            floor = d["raw_protocol"]["cpu_us_per_token"]
+            for reader, w in d["worker_by_reader"].items():
+                rows.append(
+                    f"| {d['streams']} × {d['rate']:g} | {reader} | {w['exact']}/{d['streams']} "
+                    f"| {round(w['wall_s'] / d['ideal_s'], 2)}× | {w['worker_cpu_us_per_token']} "
+                    f"| {round(w['worker_cpu_us_per_token'] / floor, 2)}× "
+                    f"| {w['messages_per_token']} | {w['worker_cpu_utilization']} core |"
+                )
     return "\n".join(rows)
 
 
@@ -252,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument(
         "--worker-src", help="run the worker from this checkout (e.g. main, for a baseline)"
+    )
+    parser.add_argument(
+        "--readers",
+        default="protocol",
+        help="RELAY_UPSTREAM_READER values to run the worker with, each in turn (the first "
+        "is the table's)",
     )
     parser.add_argument("--table", help="print the markdown table of a saved report")
     parser.add_argument("--role", choices=["raw", "httpx"])  # internal: a reference consumer
