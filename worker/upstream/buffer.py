@@ -162,6 +162,7 @@ class EventBuffer:
         if len(self._events) >= self.max_pending and self._source is not None:
             self._paused = True
             self._source.pause()
+            self._wake()  # a paused transport must not wait out a window
 
     def on_end(self, error: httpx.HTTPError | None) -> None:
         if self.ended or self.error is not None:
