@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from loguru import logger
@@ -59,14 +61,17 @@ def format_env(env: dict[str, str]) -> str:
     return "\n".join(f"{key}={value}" for key, value in env.items())
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on SIGINT / SIGTERM; the handlers live only while we wait."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """SIGINT / SIGTERM set the event while the block runs. Install it before saying
+    "Ctrl-C stops": a signal that came between the message and the handlers was a
+    KeyboardInterrupt (exit 130 instead of an orderly stop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -76,11 +81,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     stack = DevStack(stack_options(args))
     await stack.start()
     try:
-        print("# llm-relay devstack is up. Paste these lines into .env:", flush=True)
-        print(format_env(stack.env()), flush=True)
-        print(f"# demo page: {stack.api_url}/demo/demo.html   (Ctrl-C stops)", flush=True)
-        logger.bind(event="devstack_up").info("devstack running at {}", stack.api_url)
-        await wait_for_stop_signal()
+        with stop_signals() as stop:
+            print("# llm-relay devstack is up. Paste these lines into .env:", flush=True)
+            print(format_env(stack.env()), flush=True)
+            print(f"# demo page: {stack.api_url}/demo/demo.html   (Ctrl-C stops)", flush=True)
+            logger.bind(event="devstack_up").info("devstack running at {}", stack.api_url)
+            await stop.wait()
     finally:
         await stack.stop()
     return 0

@@ -30,7 +30,7 @@ import httpx
 import psycopg
 
 from devstack import jwt
-from devstack.cli import add_stack_arguments, stack_options, wait_for_stop_signal
+from devstack.cli import add_stack_arguments, stack_options, stop_signals
 from devstack.stack import SIMULATED_API_KEY, DevStack
 from worker.cli import Command
 from worker.config import GROQ_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL, Provider, Settings
@@ -222,15 +222,16 @@ async def _with_worker(args: argparse.Namespace, settings: Settings, stack: DevS
         if not args.no_prompt:
             code = await _one_prompt(args, settings, stack)
         if not args.once:
-            print(f"\nThe demo page is up: {stack.demo_page_url}  (Ctrl-C stops)", flush=True)
-            assert stack.database_url is not None
-            view = asyncio.create_task(terminal_view(stack.database_url), name="demo-view")
-            try:
-                await wait_for_stop_signal()
-            finally:
-                view.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await view
+            with stop_signals() as stop:
+                print(f"\nThe demo page is up: {stack.demo_page_url}  (Ctrl-C stops)", flush=True)
+                assert stack.database_url is not None
+                view = asyncio.create_task(terminal_view(stack.database_url), name="demo-view")
+                try:
+                    await stop.wait()
+                finally:
+                    view.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await view
         return code
     finally:
         await _stop_worker(worker, settings.relay_grace_period_s)
