@@ -532,3 +532,40 @@ async def test_the_runner_hands_the_publishers_supervisor_to_the_worker() -> Non
     # A publisher that does not deliver fails its side task, so the worker stops loudly.
     with pytest.raises(PublishError, match="supervisor is not running"):
         await asyncio.wait_for(tasks["publisher"](), 5)
+
+
+class SlowPoolRepository(InMemoryJobRepository):
+    """The heir's log read waits out the pool a few times (1,000 streams starting at once
+    on a pool of 4), then answers."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def read_chunks(self, job_id: str, from_offset: int) -> list[Any]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise QueueError("queue database unavailable: couldn't get a connection after 5 s")
+        return await super().read_chunks(job_id, from_offset)
+
+
+async def test_a_pool_wait_at_the_start_of_a_stream_is_tried_again_not_a_failure() -> None:
+    repo = SlowPoolRepository(failures=2)
+    job_id = repo.add(NewRequest(HELLO))
+    worker = Worker(repo, ScriptedRunner(tokens=5, delay_s=0.001), fast_settings(relay_wal=True))
+    async with running(worker):
+        await wait_until(finished(repo, job_id))
+    row = repo.rows[job_id]
+    assert (row.status, row.attempts) == ("done", 1)  # was: failed, error type "queue"
+    assert row.snapshot.content == scripted_text(0, 5)
+
+
+async def test_a_log_read_that_keeps_failing_puts_the_request_back_in_the_queue() -> None:
+    repo = SlowPoolRepository(failures=10**6)
+    job_id = repo.add(NewRequest(HELLO))
+    worker = Worker(
+        repo, ScriptedRunner(tokens=5), fast_settings(relay_wal=True, relay_lease_s=0.4)
+    )
+    async with running(worker):
+        # Back in the queue and claimed again (was: failed for good at attempt 1).
+        await wait_until(lambda: repo.rows[job_id].attempts >= 2, within_s=5)

@@ -35,6 +35,7 @@ from typing import Any
 
 from loguru import logger
 
+from worker.backoff import backoff_delay
 from worker.config import Settings
 from worker.errors import BadInputError, LeaseLost, QueueError
 from worker.jobs.chunklog import ChunkLog, write_final
@@ -57,6 +58,7 @@ SideTask = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 # Part of the grace period kept for stopping and releasing unfinished streams.
 STOP_MARGIN_S = 2.0
 CLAIM_LOOP_STOP_TIMEOUT_S = 5.0
+RECOVER_RETRY_BASE_S = 0.2  # first wait before the heir's log read is tried again
 
 
 class WorkerState(enum.Enum):
@@ -378,12 +380,14 @@ class Worker:
         if self.chunk_log is not None:
             try:
                 # The heir starts at exactly the last durable offset (row + log tail).
-                ctx.start = await self.chunk_log.recover(job)
+                ctx.start = await self._recover(job)
                 ctx.record(ctx.start)
             except QueueError as exc:
-                self.metrics.queue_errors.inc()
+                # Nothing was streamed: the request goes back to the queue (a busy or
+                # absent database is not the request's failure; at 1,000 streams a
+                # pool wait once failed 244 of them for good).
                 active.settling = True
-                outcome = Outcome("failed", job.snapshot, error=error_info(exc))
+                outcome = Outcome("failed", job.snapshot, error=error_info(exc), retry=True)
                 await _complete(self._settle(job, ctx, outcome))
                 return
         log.info(
@@ -408,6 +412,25 @@ class Worker:
             outcome = Outcome("failed", ctx.latest, error=error)
         active.settling = True
         await _complete(self._settle(job, ctx, outcome))
+
+    async def _recover(self, job: Job) -> Snapshot:
+        """`ChunkLog.recover`, tried again with the one backoff while the lease is far
+        from its fencing point (a pool wait under load is transient)."""
+        assert self.chunk_log is not None
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + s.relay_lease_s / 2
+        attempt = 0
+        while True:
+            try:
+                return await self.chunk_log.recover(job)
+            except QueueError:
+                self.metrics.queue_errors.inc()
+                attempt += 1
+                delay = backoff_delay(attempt, base_s=RECOVER_RETRY_BASE_S, cap_s=s.relay_lease_s)
+                if loop.time() + delay >= give_up_at:
+                    raise
+                await asyncio.sleep(delay)
 
     async def _run_runner(self, job: Job, ctx: StreamContext) -> Outcome:
         return await self._runner(job, ctx)
