@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         help="RELAY_UPSTREAM_READER values to run the worker with, each in turn (the first "
         "is the table's)",
     )
+    parser.add_argument("--keep", action="store_true", help="keep the logs and data dirs")
     parser.add_argument("--table", help="print the markdown table of a saved report")
     parser.add_argument("--role", choices=["raw", "httpx"])  # internal: a reference consumer
     parser.add_argument("--upstream")
@@ -313,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:  # what finished survives a later level's failure
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept {root} (worker logs, sessions)", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return 0
 
