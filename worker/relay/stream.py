@@ -11,6 +11,10 @@ client that missed tokens reads them from the log.
 
 The pump waits for the next event or the batcher's deadline, whichever is first (the
 upstream iterator is read by its own task, so a timeout never cancels it mid-chunk).
+The worker's upstream hands over one wake-up's events as a list
+(`UpstreamClient.stream_batches`: one per window, not per network read); its tokens are
+fed to the batcher with the time the oldest was read (`EventBatch.arrived_at`), so the
+batching delay counts from the wire, not from the wake-up.
 
 Outcome, documented once:
 - `Finished` ⇒ pending tokens, then `llm-done`; returns `RelayResult(error=None)`.
