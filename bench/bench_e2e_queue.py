@@ -248,6 +248,7 @@ def run_level(
     sessions_file, sub_out = tmp / f"sessions-{name}.json", tmp / f"sub-{name}.json"
     sessions_file.write_text(json.dumps(sessions))
     stop = tmp / f"sub-{name}.stop"
+    stop.unlink(missing_ok=True)  # a second run of the level (--readers) starts afresh
     timeout = getattr(args, "level_timeout_s", None) or args.seconds * 6 + 900
     log = (tmp / f"worker-{name}.log").open("wb")
     worker = subprocess.Popen(
