@@ -30,6 +30,7 @@ from worker.relay.watch import Watcher
 
 DEFAULT_TOPIC_TEMPLATE = "llm-token:{session_id}"  # the migrations' llm_sessions.topic
 FINAL = ("done", "failed", "cancelled")
+ROW_FINAL_WAIT_S = 10.0  # after llm-done, how long `ask` waits for the row to be final
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,12 @@ class RelayClient:
             await watcher.close()
         state = next(iter(watcher.reassembly.streams.values()))
         content, reasoning = state.text()
-        stored = await self.result(request_id)
+        # llm-done reaches the subscriber before the worker has its ack and writes the
+        # row's end: read the row until it says so too (briefly; then as it stands).
+        try:
+            stored = await self.wait(request_id, timeout_s=ROW_FINAL_WAIT_S, poll_s=0.05)
+        except TimeoutError:
+            stored = await self.result(request_id)
         return Answer(
             request_id=request_id,
             session_id=session_id,
