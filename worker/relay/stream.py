@@ -42,7 +42,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -61,6 +61,9 @@ from worker.upstream.events import (
     ToolCallDelta,
     UpstreamEvent,
 )
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 PACING_REFRESH_S = 0.1  # how often a stream re-reads its fair share of the budget
 READ_AHEAD = 1024  # upstream events buffered between the reader and the pump
@@ -228,7 +231,7 @@ class _Pump:
             self.batcher.set_min_interval(self.handle.min_interval_s(now))
         return self.batcher.feed(token, now)
 
-    async def end_with(self, item: _Queued, now: float, log: Any) -> bool:
+    async def on_other_event(self, item: _Queued, now: float, log: Logger) -> bool:
         """Handle one event that is not a token, in order after the tokens before it;
         True when the relay ends here (a failure to report is left in `raised`)."""
         if isinstance(item, _Raised | _End):
@@ -399,7 +402,6 @@ async def relay_stream(
     queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=READ_AHEAD)
     reader = asyncio.create_task(_read(events, queue), name=f"relay-read:{stream_id}")
     loop = asyncio.get_running_loop()
-    raised: BaseException | None = None
     try:
         pending: deque[UpstreamEvent] = deque()
         while True:
@@ -417,8 +419,7 @@ async def relay_stream(
             pump.raise_failure()  # a failed write stops the relay (e.g. LeaseLost)
             if isinstance(item, Token):
                 pump.publish(pump.on_token(item, now))
-            elif item is not None and await pump.end_with(item, now, log):
-                raised = pump.raised
+            elif item is not None and await pump.on_other_event(item, now, log):
                 break
             pump.publish(pump.batcher.poll(now))
         try:
@@ -433,6 +434,7 @@ async def relay_stream(
         await pump.stop(STOP_WRITE_WAIT_S)
         handle.close()
     result = pump.finish()
+    raised = pump.raised
     if raised is not None:
         if not isinstance(raised, RelayError):
             raise raised
