@@ -232,6 +232,9 @@ class UpstreamClient:
         # A custom transport (tests' mock) is httpx's; so is every proxied request.
         self._protocol_reader = transport is None and settings.relay_upstream_reader == "protocol"
         self._ssl: ssl.SSLContext | None = None
+        # Whether httpx would proxy a URL: decided from the environment once per URL, as
+        # httpx reads it once, when its client is made (not on every request).
+        self._proxied: dict[str, bool] = {}
         self._wheel = WakeWheel()  # one timer for every stream's wake-ups
         policy_kwargs: dict[str, Any] = {} if rng is None else {"rng": rng}
         self.policy = RetryPolicy(
@@ -509,7 +512,10 @@ class UpstreamClient:
         connect = read.deadlines.limits.connect_s
         deadline, phase = read.deadlines.first_token_at(first_at)
         sending: Awaitable[Response]
-        if self._protocol_reader and not _proxied(url):
+        proxied = self._proxied.get(url)
+        if proxied is None:
+            proxied = self._proxied[url] = _proxied(url)
+        if self._protocol_reader and not proxied:
             if self._ssl is None and url.startswith("https:"):
                 self._ssl = httpx.create_ssl_context()
             sending = post_stream(
