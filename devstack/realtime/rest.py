@@ -123,9 +123,15 @@ async def batch(server: RealtimeServer, request: web.Request) -> web.StreamRespo
             429,
             headers,
         )
+    # rt: batch_broadcast.ex 55-90: private messages are grouped by topic and each
+    # topic's write permission is asked once per request.
+    writable: dict[str, bool] = {}
     for message in messages:
         private = message.get("private") is True
-        if private and not await _may_write(server, message["topic"], claims):
+        topic = message["topic"]
+        if private and topic not in writable:
+            writable[topic] = await _may_write(server, topic, claims)
+        if private and not writable[topic]:
             continue  # ref §4 A: silently dropped, still 202
         payload: dict[str, Any] = {
             "type": "broadcast",

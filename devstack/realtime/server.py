@@ -205,6 +205,8 @@ class RealtimeServer:
         for task in list(self._expiry_tasks):
             task.cancel()
         await self.close_all_sockets(1001, "server shutting down")
+        if isinstance(self.authorizer, PostgresAuthorizer):
+            await self.authorizer.close()
 
     @property
     def url(self) -> str:

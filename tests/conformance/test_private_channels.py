@@ -200,3 +200,34 @@ async def test_realtime_py_private_channel_with_ack(
     finally:
         await sender.close()
         await receiver.close()
+
+
+def _backends(url: str) -> set[int]:
+    """The authorizer's backends (the real pool's application_name)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'realtime_connect'"
+            " AND datname = current_database()"
+        ).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+async def test_checks_share_one_connection_and_survive_its_loss(
+    rls_server: RealtimeServer, anon_key: str, database_url: str
+) -> None:
+    # rt: the `realtime_connect` pool has `db_pool` (1) connections: checks queue for
+    # one long-lived backend instead of forking a backend each.
+    clients = [(await _joined(rls_server, anon_key, READER))[0] for _ in range(5)]
+    opened = _backends(database_url)
+    assert len(opened) == 1, opened
+    # Its backend dies (a restart, an admin): the next check fails cleanly, the one
+    # after reconnects.
+    _sql(database_url, f"SELECT pg_terminate_backend({opened.pop()})")
+    client = await RawClient.connect(rls_server.url, anon_key)
+    _, reply = await client.join(ROOM, private=True, access_token=user_token(READER))
+    assert reply["payload"]["status"] == "error", reply
+    assert "UnableToConnectToProject" in reply["payload"]["response"]["reason"]
+    clients.append((await _joined(rls_server, anon_key, READER))[0])
+    assert len(_backends(database_url) - opened) == 1
+    for c in [*clients, client]:
+        await c.close()

@@ -211,3 +211,24 @@ async def test_realtime_py_http_send(rest_server: RealtimeServer, anon_key: str)
         params: Any = {"config": {"private": True}}
         await client.channel("shut", params).http_send("e", {})
     assert denied.value.status == 403
+
+
+async def test_private_batch_asks_once_per_topic(
+    rest_server: RealtimeServer, anon_key: str
+) -> None:
+    # rt: batch_broadcast.ex groups private messages by topic and asks each topic's
+    # write permission once per request, however many messages it carries.
+    policy = rest_server.authorizer
+    assert isinstance(policy, TopicPolicy)
+    rx = await RawClient.connect(rest_server.url, anon_key)
+    await rx.join("open", private=True)
+    messages = [
+        {"topic": topic, "event": "e", "payload": {"n": n}, "private": True}
+        for n, topic in enumerate(["open", "shut", "open"])  # the quota allows 3
+    ]
+    status, _, _ = await _post(rest_server, "/api/broadcast", anon_key, json=_batch(*messages))
+    assert status == 202
+    assert policy.writes == 2
+    got = [(await rx.recv())["payload"]["payload"]["n"] for _ in range(2)]
+    assert got == [0, 2]
+    await rx.close()
