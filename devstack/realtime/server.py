@@ -403,6 +403,9 @@ class RealtimeServer:
         assert apikey is not None
         ws = web.WebSocketResponse(
             autoping=False,  # pongs are ours to send (or to withhold: faults.stall_pong)
+            # Realtime's endpoint leaves Phoenix's `compress` at false (rt:
+            # lib/realtime_web/endpoint.ex 16-35): permessage-deflate is never agreed.
+            compress=False,
             max_msg_size=self.limits.max_frame_size_bytes,
             timeout=2.0,
         )

@@ -113,3 +113,13 @@ async def test_without_tenant_ids_every_host_is_the_local_tenant(
     await by_ip.send("realtime:room1", "broadcast", payload, ref="1", join_ref=join_ref)
     assert (await by_name.recv())["payload"] == payload
     assert set(server.tenants) == {"realtime-dev"}
+
+
+async def test_no_per_message_compression(server: RealtimeServer, anon_key: str) -> None:
+    # Realtime leaves Phoenix's websocket `compress` at false: a client's offer of
+    # permessage-deflate (websockets and browsers offer it) is never accepted.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(server.websocket_url + f"?apikey={anon_key}&vsn=1.0.0", compress=15) as ws,
+    ):
+        assert ws.compress == 0  # the response agreed no extension
