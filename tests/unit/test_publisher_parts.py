@@ -48,12 +48,17 @@ def test_a_late_loop_makes_streams_flush_less_often_and_the_worker_wait() -> Non
     quiet = pub.min_interval_s(0.0)
     pub.loop_lag_s = 0.1  # as measured by the loop-delay probe
     assert pub.min_interval_s(0.0) == pytest.approx(0.2) and quiet < 0.001
-    # A stream the starved loop reads at 4 tokens/s flushes every 10 / 4 s: about ten
-    # tokens per message however slow, so messages per token fall as load rises.
-    assert pub.min_interval_s(0.0, token_rate=4.0) == pytest.approx(2.5)
-    assert pub.min_interval_s(0.0, token_rate=0.5) == pytest.approx(5.0)  # capped
+    # A stream the starved loop reads at 40 tokens/s flushes every 10 / 40 s: about ten
+    # tokens per message however slow, so messages per token fall as load rises ...
+    assert pub.min_interval_s(0.0, token_rate=40.0) == pytest.approx(0.25)
+    # ... but never waits more than half the lag bound: that wait alone would break it.
+    assert pub.min_interval_s(0.0, token_rate=4.0) == pytest.approx(0.5)
     pub.loop_lag_s = 0.0
     assert pub.min_interval_s(0.0, token_rate=0.5) == quiet  # no overload: no pacing
     pub.loop_lag_s = 5.0
-    assert pub.min_interval_s(0.0) == pytest.approx(5.0)  # capped: latency stays bounded
+    assert pub.min_interval_s(0.0) == pytest.approx(0.5)  # capped: latency stays bounded
     assert pub.behind and pub.lag_s == 5.0
+    # The bound is the setting's: a worker allowed 4 s of lag batches up to 2 s.
+    patient = Publisher(settings.model_copy(update={"relay_max_lag_s": 4.0}))
+    patient.loop_lag_s = 5.0
+    assert patient.min_interval_s(0.0) == pytest.approx(2.0)

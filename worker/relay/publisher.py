@@ -74,7 +74,10 @@ OVERLOAD_MESSAGES_PER_S = 250.0
 # ... and each message carries about this many tokens of its stream, however slowly
 # the starved loop reads them (tokens per message must grow with load, never shrink) ...
 OVERLOAD_TOKENS_PER_MESSAGE = 10.0
-OVERLOAD_MAX_INTERVAL_S = 5.0  # ... but no stream waits longer than this to flush
+# ... but no stream waits longer than this share of `relay_max_lag_s` to flush: a longer
+# wait would break the lag bound by itself; past it the worker is behind and stops
+# claiming instead (at 1,000 streams a cap of 5 s made every token wait ~2 s).
+OVERLOAD_MAX_INTERVAL_SHARE = 0.5
 RATE_WINDOW_S = 1.0  # a stream's token rate is measured over windows this long
 ACK_TIMER_MAX_EXTENSIONS = 3  # a late loop extends an ack timer at most this often
 TIMER_LATE_SHARE = 0.2  # an ack timer firing this share of the timeout late: the loop lagged
@@ -488,7 +491,8 @@ class Publisher:
 
         The budget's fair share; while the loop is late, also long enough that all
         streams together send ~OVERLOAD_MESSAGES_PER_S and each message carries
-        ~OVERLOAD_TOKENS_PER_MESSAGE tokens (capped at OVERLOAD_MAX_INTERVAL_S).
+        ~OVERLOAD_TOKENS_PER_MESSAGE tokens (capped at OVERLOAD_MAX_INTERVAL_SHARE of
+        `relay_max_lag_s`).
         """
         active = self.active_streams(now)
         budget = self.budget.min_interval_s(max(1, active), now)
@@ -496,7 +500,8 @@ class Publisher:
         if self.loop_lag_s >= OVERLOAD_MIN_LAG_S:
             share = active / OVERLOAD_MESSAGES_PER_S
             fill = OVERLOAD_TOKENS_PER_MESSAGE / token_rate if token_rate else 0.0
-            overload = min(OVERLOAD_MAX_INTERVAL_S, max(2 * self.loop_lag_s, share, fill))
+            cap = OVERLOAD_MAX_INTERVAL_SHARE * self.settings.relay_max_lag_s
+            overload = min(cap, max(2 * self.loop_lag_s, share, fill))
         return max(budget, overload)
 
     def enqueue(
