@@ -55,6 +55,7 @@ from bench.common import (
     join_channels,
     long_text,
     machine,
+    machine_busy_seconds,
     median,
     percentile,
     stack,
@@ -283,9 +284,9 @@ def run_level(
         stack_cpu0 = {name: cpu_seconds(pid) for name, pid in s.pids.items()}
         time.sleep(STATS_FLUSH_S)
         db0 = _db_counters(database_url)
-        cpu0 = cpu_seconds(worker.pid)
+        cpu0, busy0 = cpu_seconds(worker.pid), machine_busy_seconds()
         submitted, final, wall = asyncio.run(_submit_and_wait(database_url, sessions, timeout))
-        cpu = cpu_seconds(worker.pid) - cpu0
+        cpu, busy = cpu_seconds(worker.pid) - cpu0, machine_busy_seconds() - busy0
         time.sleep(STATS_FLUSH_S)
         db1 = _db_counters(database_url)
         stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in s.pids.items()}
@@ -299,6 +300,8 @@ def run_level(
     r = json.loads(sub_out.read_text())
     figures = _figures(args, streams, submitted, final, wall, cpu, rss_kb, r, stack_cpu)
     figures["wal"] = wal
+    # Everything shares the machine: how much of it the level used (2 cores = 2.0).
+    figures["machine_busy_cores"] = round(busy / wall, 2) if wall else 0.0
     # The counters also cover the flush sleep, so per second is over wall + sleep.
     span = wall + STATS_FLUSH_S
     figures["pg_commits_per_s"] = round((db1[0] - db0[0]) / span, 1)

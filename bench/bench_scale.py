@@ -228,8 +228,8 @@ def render_table(report: dict[str, Any]) -> str:
         "| streams × tok/s | exact | not final at cap | wall / ideal | achieved / offered "
         "tok/s | lag behind pace p50 / p99 | first token p50 | messages / token | worker "
         "µs/token | raw Protocol µs/token | httpx+orjson µs/token | worker ÷ floor | httpx ÷ "
-        "floor | worker CPU use |",
-        "|" + "---|" * 14,
+        "floor | worker CPU use | machine busy (of 2 cores) |",
+        "|" + "---|" * 15,
     ]
     for d in report["levels"]:
         w, raw, hx = d["worker"], d["raw_protocol"], d["httpx_orjson"]
@@ -245,7 +245,7 @@ def render_table(report: dict[str, Any]) -> str:
             f"| {raw['cpu_us_per_token']} ({raw['exact']}/{raw['streams']} exact, {raw_wall} s) "
             f"| {hx['cpu_us_per_token']} ({hx['exact']}/{hx['streams']} exact, {hx['wall_s']} s) "
             f"| {d['worker_cpu_over_floor']}× | {d['httpx_cpu_over_floor']}× "
-            f"| {w['worker_cpu_utilization']} core |"
+            f"| {w['worker_cpu_utilization']} core | {w.get('machine_busy_cores', '–')} |"
         )
     compared = [d for d in report["levels"] if len(d.get("worker_by_reader", {})) > 1]
     if compared:

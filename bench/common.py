@@ -52,6 +52,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores, every process), /proc/stat:
+    what a level leaves of the machine, Postgres and exited processes included."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    jiffies = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    busy = sum(jiffies) - jiffies[3] - jiffies[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def _read_until(proc: subprocess.Popen[str], pattern: str, timeout_s: float) -> re.Match[str]:
     deadline = time.monotonic() + timeout_s
     assert proc.stdout is not None

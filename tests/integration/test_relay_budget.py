@@ -19,6 +19,7 @@ from tests.integration.relay_harness import Subscriber
 from worker.config import Settings
 from worker.relay.publisher import Publisher
 from worker.relay.stream import relay_stream
+from worker.upstream.buffer import ReadPace
 from worker.upstream.events import Finished, Token, UpstreamEvent
 
 pytestmark = [
@@ -112,3 +113,36 @@ async def _tokens(
             i += 1
         await asyncio.sleep(0.005)
     yield Finished("stop")
+
+
+async def test_a_paced_stream_widens_its_upstream_readers_window() -> None:
+    """A budget that allows a flush only every ~second: the relay sets the upstream
+    reader's window (ReadPace) to that interval, so the reader is not woken every
+    RELAY_MAX_BATCH_DELAY_MS for tokens the batcher would hold anyway."""
+    server = RealtimeServer(limits=RealtimeLimits(max_events_per_second=100))
+    await server.start()
+    settings = Settings(
+        supabase_url=server.url,
+        relay_private_channels=False,
+        relay_messages_per_second=2,
+        relay_expected_subscribers=1,
+    )
+    base = settings.relay_max_batch_delay_ms / 1000
+    pace = ReadPace(base)
+    try:
+        async with Publisher(settings, api_key=api_key("service_role")) as pub:
+            await pub.wait_connected(10)
+            result = await relay_stream(
+                _tokens("paced", 40.0, 1.0, {}),
+                publisher=pub,
+                topic="llm-token:paced",
+                stream_id="paced",
+                settings=settings,
+                pace=pace,
+            )
+            interval = pub.min_interval_s(time.monotonic())
+    finally:
+        await server.stop()
+    assert result.error is None and result.content_tokens == 40
+    assert interval > 4 * base
+    assert pace.window_s == pytest.approx(interval, rel=0.2)

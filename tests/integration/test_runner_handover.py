@@ -40,7 +40,7 @@ class SlowToCloseUpstream:
         self.given = 0
 
     async def stream_batches(
-        self, request: GenerationRequest
+        self, request: GenerationRequest, pace: object = None
     ) -> AsyncIterator[list[UpstreamEvent]]:
         try:
             for text in TOKENS:

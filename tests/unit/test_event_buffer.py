@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from worker.upstream.buffer import EventBuffer, WakeWheel
+from worker.upstream.buffer import EventBuffer, ReadPace, WakeWheel
 from worker.upstream.events import Finished, Token, UpstreamEvent
 
 
@@ -147,3 +147,28 @@ async def test_one_timer_serves_many_buffers() -> None:
     assert len(armed) <= 2  # one wheel timer (plus at most the loop's own)
     got = await asyncio.wait_for(asyncio.gather(*(b.take() for b in bufs)), 1.0)
     assert all(g == [Token("content", "x")] for g in got)
+
+
+async def test_the_window_is_the_readers_pace_read_at_each_wake_up() -> None:
+    # The relay raises the pace with its flush interval under overload: tokens the
+    # batcher would hold anyway no longer wake the reader.
+    state = {"done": False}
+    pace = ReadPace(0.05)
+    buf = EventBuffer(
+        tokens_decoder(state),  # type: ignore[arg-type]
+        lambda: state["done"],
+        WakeWheel(),
+        window_s=pace,
+        max_events=20,
+    )
+    buf.on_data(b"a")
+    assert await take(buf) == [Token("content", "a")]  # the first: at once
+    buf.on_data(b"b")
+    assert await take(buf, within_s=0.5) == [Token("content", "b")]  # a 50 ms window
+    pace.window_s = 0.4
+    loop = asyncio.get_running_loop()
+    buf.on_data(b"c")
+    at = loop.time()
+    assert await take(buf, within_s=2.0) == [Token("content", "c")]
+    assert loop.time() - at >= 0.35  # the raised window
+    assert buf.window_s == 0.4

@@ -52,7 +52,7 @@ from worker.relay.batcher import Batch, Batcher
 from worker.relay.publisher import Publisher, StreamHandle
 from worker.relay.wire import EVENT_DONE, EVENT_ERROR, EVENT_STATUS, DoneMessage, text_checksum
 from worker.transcript import StreamTranscript
-from worker.upstream.buffer import EventBatch
+from worker.upstream.buffer import EventBatch, ReadPace
 from worker.upstream.events import (
     Finished,
     Refusal,
@@ -144,8 +144,10 @@ class _Pump:
         settings: Settings,
         transcript: StreamTranscript,
         durable: Durable | None,
+        pace: ReadPace | None,
     ) -> None:
         self.handle = handle
+        self.pace = pace
         self.settings = settings
         self.batcher = Batcher(
             settings.relay_batch_size,
@@ -229,6 +231,8 @@ class _Pump:
         if self.settings.relay_adaptive_batching and now - self.pacing_at >= PACING_REFRESH_S:
             self.pacing_at = now
             self.batcher.set_min_interval(self.handle.min_interval_s(now))
+            if self.pace is not None:  # no wake-up for tokens the batcher would hold
+                self.pace.window_s = max(self.batcher.max_delay_s, self.batcher.min_interval_s)
         return self.batcher.feed(token, now)
 
     async def on_other_event(self, item: _Queued, now: float, log: Logger) -> bool:
@@ -365,6 +369,7 @@ async def relay_stream(
     start_reasoning: str = "",
     durable: Durable | None = None,
     transcript: StreamTranscript | None = None,
+    pace: ReadPace | None = None,
 ) -> RelayResult:
     """Relay one upstream stream to `topic` (sub-topic, e.g. `llm-token:<session>`).
 
@@ -380,6 +385,8 @@ async def relay_stream(
         durable: awaited with each flush before the batches are broadcast (the
             write-ahead log); None publishes at once (no queue: `llm-relay once`).
         transcript: the caller's `StreamTranscript`, fed with what is published.
+        pace: the upstream reader's window (`UpstreamClient.stream_batches(pace=)`),
+            kept at the batcher's flush interval: under overload, fewer wake-ups.
 
     Returns:
         The `RelayResult`; upstream and drain errors are in `.error` (see module doc).
@@ -396,7 +403,7 @@ async def relay_stream(
         transcript.next_seq = start_seq
     start_offset = transcript.next_offset
     handle = publisher.stream(topic, stream_id, start_seq=transcript.next_seq)
-    pump = _Pump(handle, settings, transcript, durable)
+    pump = _Pump(handle, settings, transcript, durable, pace)
     log = logger.bind(event="relay.stream", stream=stream_id, topic=topic)
     log.info("relay started at offset {}", start_offset)
     queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=READ_AHEAD)

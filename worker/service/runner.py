@@ -46,6 +46,7 @@ from worker.relay.stream import Durable, RelayResult, check_relay_settings, rela
 from worker.relay.wire import EVENT_ERROR
 from worker.service.context import Outcome, StreamContext, error_info
 from worker.transcript import StreamTranscript
+from worker.upstream.buffer import ReadPace
 from worker.upstream.client import UpstreamClient
 from worker.upstream.events import Finished, GenerationRequest, Status, UpstreamEvent
 
@@ -220,15 +221,17 @@ class RelayRunner:
         durable = None if ctx.chunk_log is None else durable_writer(ctx.chunk_log, ctx)
         tap = _Tap(ctx)
         request = continuation(ctx, self.settings.relay_continue_prompt)
+        pace = ReadPace(self.settings.relay_max_batch_delay_ms / 1000)
         relay = asyncio.create_task(
             relay_stream(
-                tap.events(self.upstream.stream_batches(request)),
+                tap.events(self.upstream.stream_batches(request, pace=pace)),
                 publisher=self.publisher,
                 topic=ctx.topic,
                 stream_id=ctx.stream_id,
                 settings=self.settings,
                 durable=durable,
                 transcript=transcript,
+                pace=pace,
             ),
             name=f"relay-{job.id}",
         )

@@ -16,6 +16,11 @@ The reader gets an `EventBatch`, which carries the loop time its oldest event wa
 read, so the relay's batching delay counts from there and the window adds nothing to
 a token's latency beyond one timer tick.
 
+The window is the reader's to set, through a `ReadPace` it shares with the buffer: the
+relay sets it to its batcher's flush interval, which grows under overload, so that a
+loaded worker is woken less often per stream rather than woken to wait (at 1,000
+streams a wake-up per stream per 100 ms was most of the loop's work).
+
 The buffer is bounded: past `max_pending` events it pauses the transport (TCP
 back-pressure), and resumes when its reader has taken them.
 """
@@ -27,6 +32,7 @@ import contextlib
 import heapq
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
@@ -45,6 +51,14 @@ class EventBatch(list[UpstreamEvent]):
     def __init__(self, events: list[UpstreamEvent], arrived_at: float) -> None:
         super().__init__(events)
         self.arrived_at = arrived_at
+
+
+@dataclass(slots=True)
+class ReadPace:
+    """How long a reader lets tokens gather before it is woken: its consumer's batching
+    window (the relay raises it with its flush interval under overload)."""
+
+    window_s: float
 
 
 class WakeWheel:
@@ -101,14 +115,14 @@ class EventBuffer:
         done: Callable[[], bool],
         wheel: WakeWheel,
         *,
-        window_s: float,
+        window_s: float | ReadPace,
         max_events: int,
         max_pending: int = MAX_PENDING_EVENTS,
     ) -> None:
         self._decode = decode
         self._done = done
         self._wheel = wheel
-        self.window_s = window_s
+        self.pace = window_s if isinstance(window_s, ReadPace) else ReadPace(window_s)
         self.max_events = max_events
         self._first = True  # no token reached the reader yet: the first goes at once
         self.max_pending = max_pending
@@ -123,6 +137,10 @@ class EventBuffer:
         self.ended = False
         self.error: BaseException | None = None  # a decode or transport failure
         self.last_data_at = self._loop.time()
+
+    @property
+    def window_s(self) -> float:
+        return self.pace.window_s
 
     def attach(self, source: Pausable) -> None:
         self._source = source
@@ -158,7 +176,7 @@ class EventBuffer:
             self._wake()
         elif not self._scheduled:
             self._scheduled = True
-            self._wheel.schedule(self, self._oldest_at + self.window_s)
+            self._wheel.schedule(self, self._oldest_at + self.pace.window_s)
         if len(self._events) >= self.max_pending and self._source is not None:
             self._paused = True
             self._source.pause()

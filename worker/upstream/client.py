@@ -52,7 +52,7 @@ from worker.config import DEFAULT_MODELS, Provider, Settings
 from worker.errors import ConfigError, UpstreamError
 from worker.transcript import StreamTranscript
 from worker.upstream.body import ACCEPT_ENCODING, BodyDecoder, BodyLimitError
-from worker.upstream.buffer import EventBuffer, HttpxBody, WakeWheel
+from worker.upstream.buffer import EventBuffer, HttpxBody, ReadPace, WakeWheel
 from worker.upstream.chunks import ChunkParser
 from worker.upstream.deadline import ReadDeadlines, ReadTimeout, ReadWatchdog
 from worker.upstream.errormap import (
@@ -119,6 +119,7 @@ class _Read:
     start_tokens: int  # progress.tokens when the attempt began
     deadlines: ReadDeadlines
     max_outputs: int  # output deltas this attempt may yield (max_tokens + slack)
+    pace: ReadPace  # the consumer's batching window
     outputs: int = 0
     produced: bool = False  # output (token, tool call, refusal) reached the consumer
     error: UpstreamError | None = None  # a failure found while parsing a read
@@ -287,12 +288,18 @@ class UpstreamClient:
                     yield event
 
     async def stream_batches(
-        self, request: GenerationRequest, *, stats: StreamStats | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        stats: StreamStats | None = None,
+        pace: ReadPace | None = None,
     ) -> AsyncGenerator[list[UpstreamEvent], None]:
         """`stream()`, a wake-up at a time: the events read since the last one, as an
         `EventBatch` (with the time the oldest was read) when they came from the wire.
-        The relay's path: no hop per event."""
+        The relay's path: no hop per event. `pace` is the consumer's batching window
+        (default RELAY_MAX_BATCH_DELAY_MS), read at each wake-up it schedules."""
         stats = stats if stats is not None else StreamStats()
+        pace = pace or ReadPace(self.settings.relay_max_batch_delay_ms / 1000)
         loop = asyncio.get_running_loop()
         started = loop.time()
         progress = _Progress()
@@ -300,7 +307,7 @@ class UpstreamClient:
         log = logger.bind(event="upstream", provider=request.provider)
         while True:
             try:
-                batches = self._acquire(request, messages, progress, stats, started)
+                batches = self._acquire(request, messages, progress, stats, started, pace)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
                         yield batch
@@ -398,6 +405,7 @@ class UpstreamClient:
         progress: _Progress,
         stats: StreamStats,
         started: float,
+        pace: ReadPace,
     ) -> AsyncGenerator[list[UpstreamEvent], None]:
         """Batches of events (one per network read); retries and falls back until the
         first output, re-raises after it."""
@@ -440,6 +448,7 @@ class UpstreamClient:
                     progress.tokens,
                     deadlines,
                     max_outputs,
+                    pace,
                 )
                 try:
                     batches = self._attempt(read, request, stats)
@@ -583,7 +592,7 @@ class UpstreamClient:
             self._decoder(read, body, decoder, stats),
             lambda: parser.done or read.error is not None,
             self._wheel,
-            window_s=settings.relay_max_batch_delay_ms / 1000,
+            window_s=read.pace,
             max_events=settings.relay_batch_size,
         )
         source = response if isinstance(response, H1Response) else HttpxBody(response)
