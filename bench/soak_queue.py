@@ -505,16 +505,45 @@ async def _kill_one_mid_stream(
     config: QueueSoakConfig,
     report: QueueSoakReport,
 ) -> None:
-    """SIGKILL soak-a once it streams several requests (after `kill_after_s` at least)."""
-    await asyncio.sleep(config.kill_after_s)
+    """SIGKILL soak-a while it streams a request: after `kill_after_s`, or sooner once
+    most requests are final (a fixed wait let fast runs drain the queue first, and
+    then soak-a had nothing left to be killed in)."""
+    seen: dict[str, tuple[str | None, str]] = {}
+    try:
+        owned = await _soak_a_streaming(repo, ids, seen, config.kill_after_s)
+    except TimeoutError:
+        # Say what the queue looked like: who held what, and soak-a's own last words.
+        rows = sorted(f"{owner}:{status}" for owner, status in seen.values())
+        log_tail = (workers.logs / "soak-a.log").read_text(errors="replace")[-3000:]
+        raise TimeoutError(
+            f"soak-a streamed no request within 60 s; last seen (owner:status): {rows}; "
+            f"soak-a log tail:\n{log_tail}"
+        ) from None
+    proc = workers.procs["soak-a"]
+    proc.send_signal(signal.SIGKILL)
+    report.killed_exit_code = await asyncio.to_thread(proc.wait, 10)
+    report.running_on_killed_worker = owned
+
+
+async def _soak_a_streaming(
+    repo: PostgresJobRepository,
+    ids: list[str],
+    seen: dict[str, tuple[str | None, str]],
+    after_s: float,
+) -> int:
+    """How many requests soak-a streams (a running row with tokens), once it streams
+    one and `after_s` passed or three quarters of the requests are final."""
+    started = time.monotonic()
     async with asyncio.timeout(60):
         while True:
             owned = 0
             for job_id in ids:
                 record = await repo.get(job_id)
+                if record is None:
+                    continue
+                seen[job_id] = (record.lease_owner, record.status)
                 if (
-                    record is not None
-                    and record.lease_owner == "soak-a"
+                    record.lease_owner == "soak-a"
                     and record.status == "running"
                     and (
                         record.snapshot.next_offset > 0  # scripted runner: row checkpoints
@@ -522,13 +551,11 @@ async def _kill_one_mid_stream(
                     )
                 ):
                     owned += 1
-            if owned:
-                break
-            await asyncio.sleep(0.1)
-    proc = workers.procs["soak-a"]
-    proc.send_signal(signal.SIGKILL)
-    report.killed_exit_code = await asyncio.to_thread(proc.wait, 10)
-    report.running_on_killed_worker = owned
+            final = sum(1 for _, status in seen.values() if status not in ("queued", "running"))
+            late = time.monotonic() - started >= after_s or final >= len(ids) * 3 // 4
+            if owned and late:
+                return owned
+            await asyncio.sleep(0.05)
 
 
 async def _wait_all_final(repo: PostgresJobRepository, ids: list[str], within_s: float) -> None:
