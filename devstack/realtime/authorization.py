@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,13 +71,11 @@ class PostgresAuthorizer:
         self._url = database_url
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
-        self.checks = 0  # RLS checks asked of the database (read and write)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """The pool of one: wait for it, (re)connect if needed, drop it when it broke."""
         async with self._lock:
-            self.checks += 1
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = await psycopg.AsyncConnection.connect(

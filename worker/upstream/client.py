@@ -299,7 +299,8 @@ class UpstreamClient:
         The relay's path: no hop per event. `pace` is the consumer's batching window
         (default RELAY_MAX_BATCH_DELAY_MS), read at each wake-up it schedules."""
         stats = stats if stats is not None else StreamStats()
-        pace = pace or ReadPace(self.settings.relay_max_batch_delay_ms / 1000)
+        if pace is None:
+            pace = ReadPace(self.settings.relay_max_batch_delay_ms / 1000)
         loop = asyncio.get_running_loop()
         started = loop.time()
         progress = _Progress()
