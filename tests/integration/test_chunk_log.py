@@ -76,6 +76,20 @@ async def test_the_streams_of_a_worker_are_written_in_one_statement(
     assert [(c.kind, c.text) for c in await repo.read_chunks(b, 0)] == [("reasoning", "thinking")]
 
 
+async def test_one_read_brings_each_request_its_own_tail(
+    repo: PostgresJobRepository, log: ChunkLog
+) -> None:
+    a, b, c = await claimed(repo, "w1", 3)
+    await log.append(a, chunks(a, 0, ["a0", "a1", "a2"]))
+    await log.append(b, chunks(b, 0, ["b0", "b1"]))
+    tails = await repo.read_chunks_of({a: 1, b: 2, c: 0})
+    # b has nothing at or after 2 and c nothing at all: both are left out.
+    assert {k: [(ch.offset, ch.text) for ch in v] for k, v in tails.items()} == {
+        a: [(1, "a1"), (2, "a2")]
+    }
+    assert await repo.read_chunks_of({}) == {}
+
+
 async def test_a_worker_whose_lease_was_reclaimed_writes_nothing(
     repo: PostgresJobRepository, log: ChunkLog
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -542,11 +542,11 @@ class SlowPoolRepository(InMemoryJobRepository):
         super().__init__()
         self.failures = failures
 
-    async def read_chunks(self, job_id: str, from_offset: int) -> list[Any]:
+    async def read_chunks_of(self, starts: Mapping[str, int]) -> dict[str, list[Any]]:
         if self.failures > 0:
             self.failures -= 1
             raise QueueError("queue database unavailable: couldn't get a connection after 5 s")
-        return await super().read_chunks(job_id, from_offset)
+        return await super().read_chunks_of(starts)
 
 
 async def test_a_pool_wait_at_the_start_of_a_stream_is_tried_again_not_a_failure() -> None:

@@ -18,7 +18,10 @@
   streams wait (nothing is broadcast that is not durable). A stream that gives up
   (abort, lease lost) withdraws what was not yet in flight.
 - **Recovery.** `recover(job)` is the heir's start: the row's snapshot plus every
-  logged token after it, so it continues from exactly the last durable offset.
+  logged token after it, so it continues from exactly the last durable offset. Reads
+  are grouped too: the streams that start while one read is in flight share the next
+  statement (a burst of 1,000 claims read one at a time through a pool of 4 held the
+  last stream's first token back by 17 s, and starved the writer of connections).
 - **Retention.** Chunks of requests finished more than RELAY_CHUNK_RETENTION_S ago
   are deleted (the row holds the compacted transcript).
 - **Final writes** (`write_final`): the end of a fully relayed stream is retried with
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,7 +40,7 @@ from loguru import logger
 
 from worker.backoff import backoff_delay
 from worker.errors import LeaseLost, QueueError
-from worker.jobs.models import ChunkRun, Job, Snapshot
+from worker.jobs.models import Chunk, ChunkRun, Job, Snapshot
 from worker.jobs.repository import JobRepository
 from worker.transcript import StreamTranscript
 
@@ -47,6 +51,8 @@ FINAL_RETRY_CAP_S = 5.0
 PRUNE_INTERVAL_S = 60.0
 # The most rows one statement carries (a backlog after an outage is written in parts).
 MAX_ROWS_PER_STATEMENT = 20_000
+# The most streams one recovery read covers (each may bring back a long logged tail).
+MAX_STREAMS_PER_READ = 200
 
 
 @dataclass(slots=True)
@@ -57,12 +63,20 @@ class _Append:
     done: asyncio.Future[None]
 
 
+@dataclass(slots=True)
+class _Read:
+    job_id: str
+    from_offset: int
+    done: asyncio.Future[list[Chunk]]
+
+
 @dataclass
 class ChunkLogStats:
     statements: int = 0
     rows: int = 0
     failures: int = 0
     pruned: int = 0
+    reads: int = 0  # recovery statements (each covers every stream that was waiting)
     streams_per_statement: list[int] = field(default_factory=list)
 
 
@@ -83,6 +97,8 @@ class ChunkLog:
         self.prune_interval_s = prune_interval_s
         self._pending: list[_Append] = []
         self._wake = asyncio.Event()
+        self._reads: list[_Read] = []
+        self._reading: asyncio.Future[None] | None = None  # the read in flight
         self.stats = ChunkLogStats()
         self._log = logger.bind(event="chunk_log", worker=worker)
 
@@ -113,7 +129,7 @@ class ChunkLog:
     async def recover(self, job: Job) -> Snapshot:
         """Where the heir of `job` continues: its row's snapshot plus the logged tail."""
         start = job.snapshot
-        chunks = await self._repo.read_chunks(job.id, start.next_offset)
+        chunks = await self._read_tail(job.id, start.next_offset)
         t = StreamTranscript.resume(
             content=start.content, reasoning=start.reasoning, next_offset=start.next_offset
         )
@@ -124,6 +140,59 @@ class ChunkLog:
         # One message carries at least one token: a number past any the dead worker used.
         next_seq = start.next_seq + t.tokens + 1 if t.tokens else start.next_seq
         return Snapshot(t.content, t.reasoning, t.next_offset, next_seq)
+
+    async def _read_tail(self, job_id: str, from_offset: int) -> list[Chunk]:
+        """The logged tokens of `job_id` from `from_offset` on, read in one statement
+        with those of every stream that asks meanwhile.
+
+        Raises:
+            QueueError: the statement failed (each waiting stream gets it: its caller
+                retries with the one backoff, and the retries group again).
+        """
+        loop = asyncio.get_running_loop()
+        entry = _Read(job_id, from_offset, loop.create_future())
+        self._reads.append(entry)
+        try:
+            while not entry.done.done():
+                if self._reading is None:  # no read in flight: this stream reads for all
+                    self._reading = loop.create_future()
+                    try:
+                        await self._read_group()
+                    finally:
+                        reading, self._reading = self._reading, None
+                        reading.set_result(None)
+                else:
+                    # Woken by its own answer, or by the end of a read that could not
+                    # take it (the bound): then one of those left over reads next.
+                    # Not a lock: 1,000 waiters woken one by one took seconds.
+                    await asyncio.wait((entry.done, self._reading), return_when=FIRST_COMPLETED)
+        finally:
+            if not entry.done.done():  # cancelled while waiting: nobody reads for it
+                with contextlib.suppress(ValueError):
+                    self._reads.remove(entry)
+        return entry.done.result()
+
+    async def _read_group(self) -> None:
+        group = self._reads[:MAX_STREAMS_PER_READ]
+        del self._reads[:MAX_STREAMS_PER_READ]
+        starts: dict[str, int] = {}
+        for e in group:
+            starts[e.job_id] = min(e.from_offset, starts.get(e.job_id, e.from_offset))
+        try:
+            found = await self._repo.read_chunks_of(starts)
+        except QueueError as exc:
+            for e in group:
+                if not e.done.done():
+                    e.done.set_exception(exc)
+            return
+        except BaseException:
+            # This reader was cancelled (or broke): the others wait for the next one.
+            self._reads[:0] = [e for e in group if not e.done.done()]
+            raise
+        self.stats.reads += 1
+        for e in group:
+            if not e.done.done():
+                e.done.set_result([c for c in found.get(e.job_id, ()) if c.offset >= e.from_offset])
 
     # --- the writer task (a supervised side task of the worker) ---
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import orjson
@@ -187,11 +187,19 @@ class PostgresJobRepository(JobRepository):
             raise QueueError("append_chunks returned no row")
         return Appended(int(row["written"]), frozenset(row["short"]))
 
-    async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
+    async def read_chunks_of(self, starts: Mapping[str, int]) -> dict[str, list[Chunk]]:
+        if not starts:
+            return {}
         rows = await self._driver.fetch_all(
-            query("read_chunks"), {"id": job_id, "from_offset": from_offset}
+            query("read_chunks"), {"ids": list(starts), "from_offsets": list(starts.values())}
         )
-        return [Chunk(job_id, row["token_offset"], row["kind"], row["text"]) for row in rows]
+        chunks: dict[str, list[Chunk]] = {}
+        for row in rows:
+            job_id = str(row["request_id"])
+            chunks.setdefault(job_id, []).append(
+                Chunk(job_id, row["token_offset"], row["kind"], row["text"])
+            )
+        return chunks
 
     async def prune_chunks(self, *, retention_s: float) -> int:
         async with self._driver.connection() as conn:

@@ -222,12 +222,13 @@ SELECT
   ) AS short;
 
 -- name: read_chunks
--- The log of one request from an offset on (the heir of a dead worker reads it).
-SELECT token_offset, kind, text
-FROM public.llm_request_chunks
-WHERE request_id = %(id)s
-  AND token_offset >= %(from_offset)s
-ORDER BY token_offset;
+-- The logs of several requests, each from its own offset on (the heirs of a burst of
+-- claims read theirs in one statement, not one each through the pool).
+SELECT c.request_id, c.token_offset, c.kind, c.text
+FROM unnest(%(ids)s::uuid[], %(from_offsets)s::integer[]) AS want (id, from_offset)
+JOIN public.llm_request_chunks AS c
+  ON c.request_id = want.id AND c.token_offset >= want.from_offset
+ORDER BY c.request_id, c.token_offset;
 
 -- name: prune_chunks
 -- Retention: the chunks of requests that ended long enough ago (their row holds the

@@ -13,7 +13,7 @@ longer overwrite the new owner's progress.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from worker.jobs.models import (
@@ -85,8 +85,13 @@ class JobRepository(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def read_chunks_of(self, starts: Mapping[str, int]) -> dict[str, list[Chunk]]:
+        """The logged tokens of each request in `starts` at and after its offset there,
+        in order, in one query (requests without any are left out)."""
+
     async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
         """The logged tokens of one request at and after `from_offset`, in order."""
+        return (await self.read_chunks_of({job_id: from_offset})).get(job_id, [])
 
     @abc.abstractmethod
     async def prune_chunks(self, *, retention_s: float) -> int:

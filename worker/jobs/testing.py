@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -66,6 +66,7 @@ class InMemoryJobRepository(JobRepository):
         self._listeners: list[Callable[[Notification], None]] = []
         self._counter = 0
         self.fail_next: QueueError | None = None  # the next call raises it (outage tests)
+        self.chunk_reads = 0  # statements `read_chunks_of` ran (group reads are counted)
 
     # --- test helpers ---
 
@@ -222,12 +223,17 @@ class InMemoryJobRepository(JobRepository):
         )
         return Appended(len(written), short)
 
-    async def read_chunks(self, job_id: str, from_offset: int) -> list[Chunk]:
+    async def read_chunks_of(self, starts: Mapping[str, int]) -> dict[str, list[Chunk]]:
         self._maybe_fail()
-        row = self.rows.get(job_id)
-        if row is None:
-            return []
-        return [row.chunks[o] for o in sorted(row.chunks) if o >= from_offset]
+        self.chunk_reads += 1
+        found: dict[str, list[Chunk]] = {}
+        for job_id, from_offset in starts.items():
+            row = self.rows.get(job_id)
+            chunks = {} if row is None else row.chunks
+            kept = [chunks[o] for o in sorted(chunks) if o >= from_offset]
+            if kept:
+                found[job_id] = kept
+        return found
 
     async def prune_chunks(self, *, retention_s: float) -> int:
         self._maybe_fail()
