@@ -114,16 +114,79 @@ async def test_bytes_without_events_wake_the_reader_empty_handed() -> None:
 
 
 async def test_past_the_bound_the_transport_is_paused_until_taken() -> None:
-    buf = buffer(window_s=10.0, max_events=10_000, max_pending=5)
+    buf = buffer(window_s=0.3, max_events=10_000, max_pending=5)
     source = Source()
     buf.attach(source)
     buf.on_data(b"a")
     await take(buf)
     buf.on_data(b"b|c|d|e|f")
     assert source.paused == 1 and source.resumed == 0
-    got = await take(buf, 0.05)  # a paused transport wakes the reader (no 10 s window)
+    got = await take(buf, 0.05)  # a paused transport wakes the reader (no window)
     assert got is not None and len(got) == 5
+    # Taken: no longer back-pressured, but the window these came in is still open.
+    assert source.resumed == 0
+    await asyncio.sleep(0.4)
     assert source.resumed == 1
+
+
+async def test_reading_stops_while_a_window_is_open_and_resumes_before_the_wake_up() -> None:
+    buf = buffer(window_s=0.1)
+    source = Source()
+    buf.attach(source)
+    buf.on_data(b"a")
+    assert await take(buf) == [Token("content", "a")]  # the first: at once, still reading
+    assert source.paused == 0
+    await asyncio.sleep(0.05)  # 20 tokens/s: 20 would take a second, longer than the window
+    buf.on_data(b"b")  # opens a window: the socket is not read until it is due
+    assert (source.paused, source.resumed) == (1, 0)
+    pending = asyncio.ensure_future(buf.take())
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(1):
+        while source.resumed == 0:
+            await asyncio.sleep(0.005)
+    assert not pending.done()  # resumed first; the reader waits one tick more
+    buf.on_data(b"c|d")  # what gathered in the socket meanwhile, read at the resume
+    at = loop.time()
+    batch = await asyncio.wait_for(pending, 1.0)
+    assert batch == [Token("content", x) for x in "bcd"]  # one wake-up for all three
+    assert loop.time() - at < 0.05
+    assert source.paused == 1  # reading again: the next token opens the next window
+    buf.on_data(b"e")
+    assert (source.paused, source.resumed) == (2, 1)
+
+
+async def test_a_fast_stream_is_held_only_until_a_full_batch_should_be_waiting() -> None:
+    buf = buffer(window_s=1.0, max_events=10)
+    source = Source()
+    buf.attach(source)
+    loop = asyncio.get_running_loop()
+    buf.on_data(b"a")
+    await take(buf)
+    await asyncio.sleep(0.01)
+    buf.on_data(b"b")  # 100 tokens/s: 9 more in ~90 ms, well before the 1 s window
+    assert source.paused == 1
+    pending = asyncio.ensure_future(buf.take())
+    at = loop.time()
+    async with asyncio.timeout(1):
+        while source.resumed == 0:
+            await asyncio.sleep(0.005)
+    assert loop.time() - at < 0.3  # reading again long before the window is due
+    buf.on_data(b"|".join(b"%d" % k for k in range(9)))  # what the socket held: full
+    batch = await asyncio.wait_for(pending, 0.1)  # a full batch wakes the reader at once
+    assert len(batch) == 10
+
+
+async def test_an_ended_stream_is_not_resumed() -> None:
+    buf = buffer(window_s=0.05)
+    source = Source()
+    buf.attach(source)
+    buf.on_data(b"a")
+    await take(buf)
+    buf.on_data(b"b")
+    buf.on_end(None)
+    assert await take(buf) == [Token("content", "b")]
+    await asyncio.sleep(0.1)
+    assert (source.paused, source.resumed) == (1, 0)
 
 
 async def test_one_timer_serves_many_buffers() -> None:

@@ -21,6 +21,14 @@ relay sets it to its batcher's flush interval, which grows under overload, so th
 loaded worker is woken less often per stream rather than woken to wait (at 1,000
 streams a wake-up per stream per 100 ms was most of the loop's work).
 
+While a window is open the buffer also stops reading (`pause` on its source): what
+the server sends meanwhile waits in the socket and is read in one go when the window
+is due, just before the reader is woken. A paced stream then costs one network read
+per window, not one per token (bench/RESULTS.md §7c: the read itself was about half
+of a token's cost at 1,000 streams). The hold ends earlier when the stream's rate so
+far says a full window (`max_events`) will be waiting sooner: reading resumes then,
+so that a full batch still wakes the reader as it completes.
+
 The buffer is bounded: past `max_pending` events it pauses the transport (TCP
 back-pressure), and resumes when its reader has taken them.
 """
@@ -133,7 +141,12 @@ class EventBuffer:
         self._waiter: asyncio.Future[None] | None = None
         self._ready = False  # wake the reader (or let its next wait return at once)
         self._source: Pausable | None = None
-        self._paused = False
+        self._paused = False  # back-pressure: past max_pending until the reader takes
+        self._held = False  # not reading until the open window is due
+        self._window_at = math.inf  # when the open window is due
+        self._tokens = 0  # read in this attempt, for the rate that bounds a hold
+        self._first_token_at = math.inf
+        self._reading = True  # what the source was last told
         self.ended = False
         self.error: BaseException | None = None  # a decode or transport failure
         self.last_data_at = self._loop.time()
@@ -166,6 +179,9 @@ class EventBuffer:
             return
         if not self._events:
             self._oldest_at = now
+        if self._tokens == 0:
+            self._first_token_at = now
+        self._tokens += len(events)
         self._events.extend(events)
         if (
             self.ended
@@ -176,11 +192,13 @@ class EventBuffer:
             self._wake()
         elif not self._scheduled:
             self._scheduled = True
-            self._wheel.schedule(self, self._oldest_at + self.pace.window_s)
-        if len(self._events) >= self.max_pending and self._source is not None:
+            self._held = True
+            self._window_at = self._oldest_at + self.pace.window_s
+            self._wheel.schedule(self, min(self._window_at, self._full_at(now)))
+        if len(self._events) >= self.max_pending:
             self._paused = True
-            self._source.pause()
             self._wake()  # a paused transport must not wait out a window
+        self._apply_reading()
 
     def on_end(self, error: httpx.HTTPError | None) -> None:
         if self.ended or self.error is not None:
@@ -190,10 +208,40 @@ class EventBuffer:
         self.ended = True
         self._wake()
 
+    def _full_at(self, now: float) -> float:
+        """When `max_events` should be pending, at this attempt's rate so far."""
+        elapsed = now - self._first_token_at
+        if self._tokens < 2 or elapsed <= 0:
+            return math.inf
+        rate = (self._tokens - 1) / elapsed
+        return now + max(0, self.max_events - len(self._events)) / rate
+
     def window_due(self) -> None:
+        if self._held:
+            self._held = False
+            self._apply_reading()
+            if not (self.ended or self.error is not None):
+                now = self._loop.time()
+                tick = self._wheel.tick_s
+                # Before the window: read as usual, a full batch wakes the reader. At
+                # it: read what gathered in the socket first (reads are handled before
+                # timers in a loop turn, so one tick later it is in `_events`).
+                at = self._window_at if self._window_at > now + 2 * tick else now + tick
+                self._wheel.schedule(self, at)
+                return
         self._scheduled = False
         if self._events:
             self._wake()
+
+    def _apply_reading(self) -> None:
+        reading = not (self._held or self._paused)
+        if reading == self._reading or self._source is None or self.ended:
+            return
+        self._reading = reading
+        if reading:
+            self._source.resume()
+        else:
+            self._source.pause()
 
     # --- the reader's side ---
 
@@ -212,9 +260,9 @@ class EventBuffer:
             self._first = False
             self._events = []
             self._oldest_at = math.inf
-            if self._paused and self._source is not None:
+            if self._paused:
                 self._paused = False
-                self._source.resume()
+                self._apply_reading()
             if self.error is not None or self.ended:
                 self._ready = True  # the next take raises or ends at once
             return batch
