@@ -21,6 +21,7 @@ from worker.upstream.events import (
     ToolCallDelta,
     UpstreamEvent,
 )
+from worker.upstream.retry import BreakerState
 
 pytestmark = pytest.mark.integration
 
@@ -414,6 +415,34 @@ async def test_circuit_breaker_skips_a_failing_provider(
         events = await collect(client, GROQ_REQUEST)  # breaker open: straight to openai
     assert len(groq_up.requests) == 2
     assert statuses(events) == ["fallback"] and text_of(events) == TEXT
+
+
+async def test_a_provider_answering_most_concurrent_requests_is_not_cut_off(
+    openai_up: SimulatedUpstream,
+) -> None:
+    # Requests start 30 ms apart; two of every three are refused at once while the
+    # third streams for seconds. Counted at the end of a stream, its success came too
+    # late: the refusals were "consecutive" and opened the breaker (threshold 3)
+    # against a provider that was answering.
+    openai_up.tokens_per_second = 20
+    refused = Fault.http(500, "down", "server_error")
+    answered = Fault.slow_first_token(0)  # streams as usual
+    openai_up.faults.push(*[refused, refused, answered] * 4)
+    settings = settings_for(openai_up, relay_upstream_retries=0, relay_breaker_failures=3)
+    async with UpstreamClient(settings) as client:
+
+        async def one(k: int) -> str:
+            await asyncio.sleep(0.03 * k)
+            try:
+                return text_of(await collect(client, REQUEST))
+            except UpstreamError as error:
+                return error.message
+
+        results = await asyncio.gather(*(one(k) for k in range(12)))
+        state = client.breakers["openai"].state
+    assert results.count(TEXT) == 4, results
+    assert not any("circuit breaker" in r for r in results), results
+    assert state is BreakerState.CLOSED
 
 
 async def test_bad_request_does_not_fall_back(

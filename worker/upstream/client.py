@@ -452,11 +452,10 @@ class UpstreamClient:
                     pace,
                 )
                 try:
-                    batches = self._attempt(read, request, stats)
+                    batches = self._attempt_for(breaker, read, request, stats)
                     async with contextlib.aclosing(batches):
                         async for batch in batches:
                             yield batch
-                    breaker.record_success()
                     return
                 except UpstreamError as error:
                     breaker.record_failure(error, time.monotonic())
@@ -475,6 +474,29 @@ class UpstreamClient:
                 break  # the same request would be refused by the next provider too
         assert last_error is not None
         raise last_error
+
+    async def _attempt_for(
+        self,
+        breaker: CircuitBreaker,
+        read: _Read,
+        request: GenerationRequest,
+        stats: StreamStats,
+    ) -> AsyncGenerator[list[UpstreamEvent], None]:
+        """One attempt; the breaker learns the provider answered at its first output."""
+        answered = False
+        batches = self._attempt(read, request, stats)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                if read.produced and not answered:
+                    # That is its health, whatever the rest of the stream does. Counted
+                    # at the end, 120 streams started together had 5 quick refusals in
+                    # a row before any success, and the open breaker then failed the
+                    # other 111.
+                    answered = True
+                    breaker.record_success()
+                yield batch
+        if not answered:
+            breaker.record_success()  # an answer without output is one too
 
     @staticmethod
     def _retrying(provider: str, attempt: int, delay: float, error: UpstreamError) -> Status:
