@@ -192,6 +192,7 @@ def _level(args: argparse.Namespace, spec: str, root: Path) -> dict[str, Any]:
                 worker_env={
                     "RELAY_LOG_LEVEL": "WARNING",
                     **({"PYTHONPATH": args.worker_src} if args.worker_src else {}),
+                    **dict(kv.split("=", 1) for kv in args.worker_env),
                 },
             )
             by_reader: dict[str, dict[str, Any]] = {}
@@ -281,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         help="RELAY_UPSTREAM_READER values to run the worker with, each in turn (the first "
         "is the table's)",
     )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the worker (repeatable; the report says which were set)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs and data dirs")
     parser.add_argument("--table", help="print the markdown table of a saved report")
     parser.add_argument("--role", choices=["raw", "httpx"])  # internal: a reference consumer
@@ -303,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "cap_s": args.cap_s,
         "worker_src": args.worker_src or "this checkout",
+        "worker_env": args.worker_env,
         "levels": [],
     }
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
