@@ -289,7 +289,9 @@ def run_level(
         time.sleep(max(0.0, WORKER_START_S))
         if worker.poll() is not None:
             raise RuntimeError(f"worker exited {worker.returncode}, see {log.name}")
-        stack_cpu0 = {name: cpu_seconds(pid) for name, pid in s.pids.items()}
+        # The subscriber's joins are behind it by now: its CPU counts from here too.
+        pids = {**s.pids, "subscriber": sub.pid}
+        stack_cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         time.sleep(STATS_FLUSH_S)
         db0 = _db_counters(database_url)
         cpu0, busy0 = cpu_seconds(worker.pid), machine_busy_seconds()
@@ -297,7 +299,7 @@ def run_level(
         cpu, busy = cpu_seconds(worker.pid) - cpu0, machine_busy_seconds() - busy0
         time.sleep(STATS_FLUSH_S)
         db1 = _db_counters(database_url)
-        stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in s.pids.items()}
+        stack_cpu = {name: cpu_seconds(pid) - stack_cpu0[name] for name, pid in pids.items()}
         rss_kb = _peak_rss_kb(worker.pid)
         stop.touch()
         sub.wait(timeout=120)
@@ -366,10 +368,7 @@ def _figures(
         "first_token_from_submit_p99_ms": round(percentile(first, 99) * 1000, 1),
         "messages_per_token": round(r["messages"] / max(1, tokens), 4),
         "worker_rss_peak_mb": round(rss_kb / 1024, 1),
-        "cpu_s": {
-            "subscriber": round(r["cpu_s"], 1),
-            **{name: round(v, 1) for name, v in stack_cpu.items()},
-        },
+        "cpu_s": {name: round(v, 1) for name, v in stack_cpu.items()},
     }
 
 

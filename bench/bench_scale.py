@@ -223,14 +223,29 @@ def _level(args: argparse.Namespace, spec: str, root: Path) -> dict[str, Any]:
     }
 
 
+def _rest_of_machine(w: dict[str, Any]) -> str:
+    """CPU per relayed token of everything but the worker; "other" is Postgres, the
+    bench and the kernel (the machine's busy time less every process measured)."""
+    tokens = max(1, w["tokens"])
+    parts = w.get("cpu_s", {})
+    if "machine_busy_cores" not in w or "subscriber" not in parts:
+        return "–"
+    busy = w["machine_busy_cores"] * w["wall_s"]
+    other = busy - w["worker_cpu_s"] - sum(parts.values())
+    us = [parts.get(k, 0.0) / tokens * 1e6 for k in ("upstream", "realtime", "subscriber")]
+    total = (busy - w["worker_cpu_s"]) / tokens * 1e6
+    return f"{total:.0f}: " + " · ".join(f"{x:.0f}" for x in [*us, other / tokens * 1e6])
+
+
 def render_table(report: dict[str, Any]) -> str:
     """The RESULTS.md table of a saved report."""
     rows = [
         "| streams × tok/s | exact | not final at cap | wall / ideal | achieved / offered "
         "tok/s | lag behind pace p50 / p99 | first token p50 | messages / token | worker "
         "µs/token | raw Protocol µs/token | httpx+orjson µs/token | worker ÷ floor | httpx ÷ "
-        "floor | worker CPU use | machine busy (of 2 cores) |",
-        "|" + "---|" * 15,
+        "floor | worker CPU use | machine busy (of 2 cores) | the rest of the machine "
+        "µs/token: upstream · Realtime · subscriber · other |",
+        "|" + "---|" * 16,
     ]
     for d in report["levels"]:
         w, raw, hx = d["worker"], d["raw_protocol"], d["httpx_orjson"]
@@ -246,7 +261,8 @@ def render_table(report: dict[str, Any]) -> str:
             f"| {raw['cpu_us_per_token']} ({raw['exact']}/{raw['streams']} exact, {raw_wall} s) "
             f"| {hx['cpu_us_per_token']} ({hx['exact']}/{hx['streams']} exact, {hx['wall_s']} s) "
             f"| {d['worker_cpu_over_floor']}× | {d['httpx_cpu_over_floor']}× "
-            f"| {w['worker_cpu_utilization']} core | {w.get('machine_busy_cores', '–')} |"
+            f"| {w['worker_cpu_utilization']} core | {w.get('machine_busy_cores', '–')} "
+            f"| {_rest_of_machine(w)} |"
         )
     compared = [d for d in report["levels"] if len(d.get("worker_by_reader", {})) > 1]
     if compared:
