@@ -129,9 +129,11 @@ class GatedReads(InMemoryJobRepository):
         super().__init__()
         self.permits: asyncio.Queue[None] = asyncio.Queue()
         self.reads = 0
+        self.read_started = asyncio.Event()
 
     async def read_chunks_of(self, starts: Mapping[str, int]) -> dict[str, list[Chunk]]:
         self.reads += 1
+        self.read_started.set()
         await self.permits.get()
         return await super().read_chunks_of(starts)
 
@@ -145,11 +147,12 @@ async def test_the_streams_one_read_answered_resume_together_not_one_by_one() ->
     others = [asyncio.ensure_future(log.recover(job)) for job in jobs[1:]]
     for _ in range(3):
         await asyncio.sleep(0)
+    repo.read_started.clear()
     repo.permits.put_nowait(None)  # the first read returns; the 100 share the second
     async with asyncio.timeout(5):
         await first
-        while repo.reads < 2:
-            await asyncio.sleep(0)
+        await repo.read_started.wait()
+    assert repo.reads == 2
     repo.permits.put_nowait(None)
     # A handful of loop turns, not one per waiter (a lock handed from waiter to waiter
     # took one turn each: seconds for 1,000 streams on a busy loop).

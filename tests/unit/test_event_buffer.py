@@ -16,12 +16,15 @@ class Source:
     def __init__(self) -> None:
         self.paused = 0
         self.resumed = 0
+        self.reading = asyncio.Event()  # set at each resume
 
     def pause(self) -> None:
         self.paused += 1
+        self.reading.clear()
 
     def resume(self) -> None:
         self.resumed += 1
+        self.reading.set()
 
 
 def tokens_decoder(state: dict[str, bool]) -> object:
@@ -141,9 +144,7 @@ async def test_reading_stops_while_a_window_is_open_and_resumes_before_the_wake_
     assert (source.paused, source.resumed) == (1, 0)
     pending = asyncio.ensure_future(buf.take())
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(1):
-        while source.resumed == 0:
-            await asyncio.sleep(0.005)
+    await asyncio.wait_for(source.reading.wait(), 1)
     assert not pending.done()  # resumed first; the reader waits one tick more
     buf.on_data(b"c|d")  # what gathered in the socket meanwhile, read at the resume
     at = loop.time()
@@ -167,13 +168,11 @@ async def test_a_fast_stream_is_held_only_until_a_full_batch_should_be_waiting()
     assert source.paused == 1
     pending = asyncio.ensure_future(buf.take())
     at = loop.time()
-    async with asyncio.timeout(1):
-        while source.resumed == 0:
-            await asyncio.sleep(0.005)
+    await asyncio.wait_for(source.reading.wait(), 1)
     assert loop.time() - at < 0.3  # reading again long before the window is due
     buf.on_data(b"|".join(b"%d" % k for k in range(9)))  # what the socket held: full
     batch = await asyncio.wait_for(pending, 0.1)  # a full batch wakes the reader at once
-    assert len(batch) == 10
+    assert batch is not None and len(batch) == 10
 
 
 async def test_an_ended_stream_is_not_resumed() -> None:
