@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.unit.test_service_worker import (
     HELLO,
     fast_settings,
@@ -15,6 +17,7 @@ from tests.unit.test_service_worker import (
 )
 from worker.jobs.models import Job, NewRequest
 from worker.jobs.testing import InMemoryJobRepository
+from worker.service import worker as worker_module
 from worker.service.context import Outcome, ReportsLag, StreamContext
 from worker.service.testing import ScriptedRunner
 from worker.service.worker import Worker
@@ -45,3 +48,48 @@ async def test_no_claims_while_the_runner_is_behind() -> None:
         runner.behind = False
         await wait_until(finished(repo, *ids))
     assert sorted(runner.scripted.started) == sorted(ids)
+
+
+class FillingRunner:
+    """Behind once it holds `capacity` streams; they end when the test says so."""
+
+    def __init__(self, capacity: int) -> None:
+        self.scripted = ScriptedRunner(tokens=1, delay_s=0.001)
+        self.capacity = capacity
+        self.active = 0
+        self.started_at: list[float] = []
+        self.release = asyncio.Event()
+
+    @property
+    def behind(self) -> bool:
+        return self.active >= self.capacity
+
+    async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
+        self.active += 1
+        self.started_at.append(asyncio.get_running_loop().time())
+        try:
+            await self.release.wait()
+            return await self.scripted(job, ctx)
+        finally:
+            self.active -= 1
+
+
+async def test_a_burst_is_admitted_a_step_at_a_time_until_the_relay_is_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "CLAIM_STEP", 50)
+    monkeypatch.setattr(worker_module, "CLAIM_SETTLE_S", 0.2)
+    repo = InMemoryJobRepository()
+    runner = FillingRunner(capacity=60)
+    ids = [repo.add(NewRequest(HELLO)) for _ in range(200)]
+    worker = Worker(repo, runner, fast_settings(relay_concurrency=300))
+    async with running(worker):
+        await wait_until(lambda: len(runner.started_at) >= 100)
+        await asyncio.sleep(0.6)  # three more settle periods: no third step
+        # 50, then 50 more once the first had time to show; then behind (100 ≥ 60).
+        assert len(runner.started_at) == 100
+        first, second = sorted(runner.started_at)[0], sorted(runner.started_at)[50]
+        assert second - first >= 0.2
+        runner.release.set()
+        await wait_until(finished(repo, *ids))
+    assert len(runner.started_at) == 200
