@@ -420,8 +420,9 @@ async def test_circuit_breaker_skips_a_failing_provider(
 async def test_a_provider_answering_most_concurrent_requests_is_not_cut_off(
     openai_up: SimulatedUpstream,
 ) -> None:
-    # Requests start 30 ms apart; two of every three are refused at once while the
-    # third streams for seconds. Counted at the end of a stream, its success came too
+    # Requests start 150 ms apart (room for each refusal or first token to arrive
+    # before the next starts); two of every three are refused at once while the third
+    # streams for seconds. Counted at the end of a stream, its success came too
     # late: the refusals were "consecutive" and opened the breaker (threshold 3)
     # against a provider that was answering.
     openai_up.tokens_per_second = 20
@@ -432,7 +433,7 @@ async def test_a_provider_answering_most_concurrent_requests_is_not_cut_off(
     async with UpstreamClient(settings) as client:
 
         async def one(k: int) -> str:
-            await asyncio.sleep(0.03 * k)
+            await asyncio.sleep(0.15 * k)
             try:
                 return text_of(await collect(client, REQUEST))
             except UpstreamError as error:

@@ -40,27 +40,55 @@ def test_retry_after_gets_bounded_jitter() -> None:
 def test_breaker_opens_half_opens_and_closes() -> None:
     breaker = CircuitBreaker("groq", failures=2, reset_s=10)
     assert breaker.allow(0)
-    breaker.record_failure(err(), now=1)
+    breaker.record_failure(err(), now=1, after_output=False)
     assert breaker.state is BreakerState.CLOSED
-    breaker.record_failure(err(), now=2)
+    breaker.record_failure(err(), now=2, after_output=False)
     assert breaker.state.name == "OPEN"
     assert not breaker.allow(5)
     assert breaker.allow(12)  # one trial after reset_s
     assert breaker.state.name == "HALF_OPEN"
     assert not breaker.allow(12.5)  # only one: others skip while it runs
-    breaker.record_failure(err("timeout"), now=12)  # the trial failed: open again
+    # The trial failed: open again.
+    breaker.record_failure(err("timeout"), now=12, after_output=False)
     assert breaker.state.name == "OPEN" and not breaker.allow(13)
     assert breaker.allow(23)
     breaker.record_success()
     assert breaker.state is BreakerState.CLOSED and breaker.failures == 0
 
 
+def test_an_answer_ends_a_run_of_refusals_but_not_a_run_of_breaks() -> None:
+    breaker = CircuitBreaker("openai", failures=3, reset_s=10)
+    for now in range(5):  # refused, refused, answered, ...: never 3 refusals in a row
+        breaker.record_failure(err(), now=now, after_output=False)
+        breaker.record_failure(err(), now=now, after_output=False)
+        breaker.record_answered()
+    assert breaker.state is BreakerState.CLOSED
+    # A provider that answers and then drops every stream is failing all the same.
+    for now in range(3):
+        breaker.record_answered()
+        breaker.record_failure(err("connection_lost"), now=10 + now, after_output=True)
+    assert breaker.state.name == "OPEN"
+
+
+def test_only_a_completed_stream_closes_a_half_open_breaker() -> None:
+    breaker = CircuitBreaker("openai", failures=1, reset_s=10)
+    breaker.record_failure(err(), now=0, after_output=False)
+    assert breaker.allow(10) and breaker.state.name == "HALF_OPEN"
+    breaker.record_answered()  # the trial's first token: not yet a success
+    assert breaker.state.name == "HALF_OPEN" and not breaker.allow(11)
+    breaker.record_failure(err("connection_lost"), now=12, after_output=True)
+    assert breaker.state.name == "OPEN"
+    assert breaker.allow(22)
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
 def test_breaker_ignores_our_own_mistakes() -> None:
     breaker = CircuitBreaker("openai", failures=1, reset_s=10)
-    breaker.record_failure(err("bad_request"), now=0)
-    breaker.record_failure(err("auth"), now=0)
+    breaker.record_failure(err("bad_request"), now=0, after_output=False)
+    breaker.record_failure(err("auth"), now=0, after_output=False)
     assert breaker.state is BreakerState.CLOSED
-    breaker.record_failure(err("rate_limit"), now=0)
+    breaker.record_failure(err("rate_limit"), now=0, after_output=False)
     assert breaker.state.name == "OPEN"
 
 
@@ -90,7 +118,7 @@ def test_usage_estimate_and_combination() -> None:
 
 def test_breaker_replaces_a_trial_that_never_reported() -> None:
     breaker = CircuitBreaker("groq", failures=1, reset_s=10)
-    breaker.record_failure(err(), now=0)
+    breaker.record_failure(err(), now=0, after_output=False)
     assert breaker.allow(10)  # the trial starts, and its consumer goes away
     assert not breaker.allow(15)
     assert breaker.allow(20)  # a new trial

@@ -458,7 +458,7 @@ class UpstreamClient:
                             yield batch
                     return
                 except UpstreamError as error:
-                    breaker.record_failure(error, time.monotonic())
+                    breaker.record_failure(error, time.monotonic(), after_output=read.produced)
                     if read.produced:
                         raise  # mid-stream: layer 1 decides
                     last_error = error
@@ -482,21 +482,20 @@ class UpstreamClient:
         request: GenerationRequest,
         stats: StreamStats,
     ) -> AsyncGenerator[list[UpstreamEvent], None]:
-        """One attempt; the breaker learns the provider answered at its first output."""
+        """One attempt; the breaker learns the provider answered at its first output
+        (refusals before it are no longer consecutive) and a success at its end."""
         answered = False
         batches = self._attempt(read, request, stats)
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 if read.produced and not answered:
-                    # That is its health, whatever the rest of the stream does. Counted
-                    # at the end, 120 streams started together had 5 quick refusals in
-                    # a row before any success, and the open breaker then failed the
-                    # other 111.
+                    # Not at the end only: 120 streams started together had 5 quick
+                    # refusals in a row before any stream ended, and the open breaker
+                    # failed the other 111.
                     answered = True
-                    breaker.record_success()
+                    breaker.record_answered()
                 yield batch
-        if not answered:
-            breaker.record_success()  # an answer without output is one too
+        breaker.record_success()
 
     @staticmethod
     def _retrying(provider: str, attempt: int, delay: float, error: UpstreamError) -> Status:

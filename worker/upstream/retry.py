@@ -51,15 +51,24 @@ class BreakerState(enum.Enum):
 class CircuitBreaker:
     """Consecutive retryable failures open it; after `reset_s` one trial may pass.
 
-    While the trial runs (half-open) other requests skip the provider; a trial that
-    never reports back (its consumer went away) is replaced after another `reset_s`.
+    Two kinds are counted apart. Refusals (no output) stop being consecutive once the
+    provider answers any request (`record_answered`, at a first output): counted only
+    when streams ended, a few quick refusals among many streams started together
+    opened it against a provider that was serving them. Breaks (a failure after
+    output) stop only when a stream completes (`record_success`), so a provider that
+    answers and then drops every stream still opens it.
+
+    While the trial runs (half-open) other requests skip the provider; only a
+    completed stream closes it; a trial that never reports back (its consumer went
+    away) is replaced after another `reset_s`.
     """
 
     def __init__(self, provider: str, *, failures: int, reset_s: float) -> None:
         self.provider = provider
         self.threshold = failures
         self.reset_s = reset_s
-        self.failures = 0
+        self.refusals = 0
+        self.breaks = 0
         self.opened_at = 0.0
         self.trial_at = 0.0
         self._state = BreakerState.CLOSED
@@ -85,16 +94,26 @@ class CircuitBreaker:
             return True  # the one trial
         return False
 
+    @property
+    def failures(self) -> int:
+        return max(self.refusals, self.breaks)
+
+    def record_answered(self) -> None:
+        self.refusals = 0
+
     def record_success(self) -> None:
-        self.failures = 0
+        self.refusals = self.breaks = 0
         self._set_state(BreakerState.CLOSED)
 
-    def record_failure(self, error: UpstreamError, now: float) -> None:
+    def record_failure(self, error: UpstreamError, now: float, *, after_output: bool) -> None:
         # Only failures that say something about the provider's health count:
         # a bad request or a bad key is ours, not the provider's.
         if not error.retryable and error.type != "rate_limit":
             return
-        self.failures += 1
+        if after_output:
+            self.breaks += 1
+        else:
+            self.refusals += 1
         if self._state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
             self.opened_at = now
             self._set_state(BreakerState.OPEN)
