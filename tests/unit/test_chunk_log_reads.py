@@ -162,3 +162,31 @@ async def test_the_streams_one_read_answered_resume_together_not_one_by_one() ->
         turns += 1
         assert turns < 10
     assert [t.result().next_offset for t in others] == list(range(1, 101))
+
+
+async def test_a_stream_cancelled_during_a_failed_read_leaves_no_unread_error() -> None:
+    repo = SlowReads(delay_s=0.05)
+    jobs = await claimed_with_logs(repo, 3)
+    log = ChunkLog(repo, "w")
+    unread: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unread.append(str(context["message"])))
+    repo.failing = {1}
+    first = asyncio.ensure_future(log.recover(jobs[0]))
+    await repo.started.wait()
+    repo.started.clear()
+    waiting = [asyncio.ensure_future(log.recover(job)) for job in jobs[1:]]
+    await repo.started.wait()  # the second read (for both) is in flight
+    waiting[1].cancel()
+    assert (await first).next_offset == 0
+    with pytest.raises(QueueError):
+        await waiting[0]
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[1]
+    del waiting
+    import gc
+
+    gc.collect()  # an unread exception is reported when its future is collected
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert unread == []

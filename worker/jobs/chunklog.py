@@ -51,7 +51,8 @@ FINAL_RETRY_CAP_S = 5.0
 PRUNE_INTERVAL_S = 60.0
 # The most rows one statement carries (a backlog after an outage is written in parts).
 MAX_ROWS_PER_STATEMENT = 20_000
-# The most streams one recovery read covers (each may bring back a long logged tail).
+# The most streams one recovery read covers. It bounds streams, not rows: heirs of long
+# streams bring back their whole logged tails (a takeover after a crash, rare).
 MAX_STREAMS_PER_READ = 200
 
 
@@ -76,7 +77,7 @@ class ChunkLogStats:
     rows: int = 0
     failures: int = 0
     pruned: int = 0
-    reads: int = 0  # recovery statements (each covers every stream that was waiting)
+    reads: int = 0  # recovery statements that answered (each for ≤ MAX_STREAMS_PER_READ)
     streams_per_statement: list[int] = field(default_factory=list)
 
 
@@ -167,7 +168,10 @@ class ChunkLog:
                     # Not a lock: 1,000 waiters woken one by one took seconds.
                     await asyncio.wait((entry.done, self._reading), return_when=FIRST_COMPLETED)
         finally:
-            if not entry.done.done():  # cancelled while waiting: nobody reads for it
+            if not entry.done.done():
+                # Cancelled while waiting: nobody reads for it, and a read already in
+                # flight must not leave an answer (or an error) nobody retrieves.
+                entry.done.cancel()
                 with contextlib.suppress(ValueError):
                     self._reads.remove(entry)
         return entry.done.result()

@@ -66,7 +66,6 @@ class InMemoryJobRepository(JobRepository):
         self._listeners: list[Callable[[Notification], None]] = []
         self._counter = 0
         self.fail_next: QueueError | None = None  # the next call raises it (outage tests)
-        self.chunk_reads = 0  # statements `read_chunks_of` ran (group reads are counted)
 
     # --- test helpers ---
 
@@ -225,7 +224,6 @@ class InMemoryJobRepository(JobRepository):
 
     async def read_chunks_of(self, starts: Mapping[str, int]) -> dict[str, list[Chunk]]:
         self._maybe_fail()
-        self.chunk_reads += 1
         found: dict[str, list[Chunk]] = {}
         for job_id, from_offset in starts.items():
             row = self.rows.get(job_id)
