@@ -50,6 +50,24 @@ async def test_no_claims_while_the_runner_is_behind() -> None:
     assert sorted(runner.scripted.started) == sorted(ids)
 
 
+class ClaimLog(InMemoryJobRepository):
+    """Records each claim that took rows: (loop time, rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims: list[tuple[float, int]] = []
+
+    async def claim(
+        self, *, worker: str, limit: int, lease_s: float, max_attempts: int
+    ) -> list[Job]:
+        jobs = await super().claim(
+            worker=worker, limit=limit, lease_s=lease_s, max_attempts=max_attempts
+        )
+        if jobs:
+            self.claims.append((asyncio.get_running_loop().time(), len(jobs)))
+        return jobs
+
+
 class FillingRunner:
     """Behind once it holds `capacity` streams; they end when the test says so."""
 
@@ -57,7 +75,7 @@ class FillingRunner:
         self.scripted = ScriptedRunner(tokens=1, delay_s=0.001)
         self.capacity = capacity
         self.active = 0
-        self.started_at: list[float] = []
+        self.started = 0
         self.release = asyncio.Event()
 
     @property
@@ -66,7 +84,7 @@ class FillingRunner:
 
     async def __call__(self, job: Job, ctx: StreamContext) -> Outcome:
         self.active += 1
-        self.started_at.append(asyncio.get_running_loop().time())
+        self.started += 1
         try:
             await self.release.wait()
             return await self.scripted(job, ctx)
@@ -79,17 +97,17 @@ async def test_a_burst_is_admitted_a_step_at_a_time_until_the_relay_is_behind(
 ) -> None:
     monkeypatch.setattr(worker_module, "CLAIM_STEP", 50)
     monkeypatch.setattr(worker_module, "CLAIM_SETTLE_S", 0.2)
-    repo = InMemoryJobRepository()
+    repo = ClaimLog()
     runner = FillingRunner(capacity=60)
     ids = [repo.add(NewRequest(HELLO)) for _ in range(200)]
     worker = Worker(repo, runner, fast_settings(relay_concurrency=300))
     async with running(worker):
-        await wait_until(lambda: len(runner.started_at) >= 100)
+        await wait_until(lambda: runner.started >= 100)
         await asyncio.sleep(0.6)  # three more settle periods: no third step
         # 50, then 50 more once the first had time to show; then behind (100 ≥ 60).
-        assert len(runner.started_at) == 100
-        first, second = sorted(runner.started_at)[0], sorted(runner.started_at)[50]
-        assert second - first >= 0.2
+        assert [rows for _, rows in repo.claims] == [50, 50]
+        assert repo.claims[1][0] - repo.claims[0][0] >= 0.2
+        assert runner.started == 100
         runner.release.set()
         await wait_until(finished(repo, *ids))
-    assert len(runner.started_at) == 200
+    assert runner.started == 200

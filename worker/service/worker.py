@@ -242,7 +242,8 @@ class Worker:
             self._wakeup.clear()  # before claiming: a NOTIFY during the claim re-wakes us
             if await self._claim_once() >= CLAIM_STEP:
                 # More may be queued: the next step once this one shows in the lag.
-                await asyncio.sleep(CLAIM_SETTLE_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), CLAIM_SETTLE_S)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(

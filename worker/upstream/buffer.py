@@ -27,7 +27,8 @@ is due, just before the reader is woken. A paced stream then costs one network r
 per window, not one per token (bench/RESULTS.md §7c: the read itself was about half
 of a token's cost at 1,000 streams). The hold ends earlier when the stream's rate so
 far says a full window (`max_events`) will be waiting sooner: reading resumes then,
-so that a full batch still wakes the reader as it completes.
+so that a full batch still wakes the reader as it completes. What must not wait (the
+end, a failure, a status) is then seen when it is read: at most one window late.
 
 The buffer is bounded: past `max_pending` events it pauses the transport (TCP
 back-pressure), and resumes when its reader has taken them.
