@@ -120,6 +120,7 @@ class _Read:
     deadlines: ReadDeadlines
     max_outputs: int  # output deltas this attempt may yield (max_tokens + slack)
     pace: ReadPace  # the consumer's batching window
+    breaker: CircuitBreaker  # its provider's: told at the first output
     outputs: int = 0
     produced: bool = False  # output (token, tool call, refusal) reached the consumer
     error: UpstreamError | None = None  # a failure found while parsing a read
@@ -450,12 +451,14 @@ class UpstreamClient:
                     deadlines,
                     max_outputs,
                     pace,
+                    breaker,
                 )
                 try:
-                    batches = self._attempt_for(breaker, read, request, stats)
+                    batches = self._attempt(read, request, stats)
                     async with contextlib.aclosing(batches):
                         async for batch in batches:
                             yield batch
+                    breaker.record_success()
                     return
                 except UpstreamError as error:
                     breaker.record_failure(error, time.monotonic(), after_output=read.produced)
@@ -474,28 +477,6 @@ class UpstreamClient:
                 break  # the same request would be refused by the next provider too
         assert last_error is not None
         raise last_error
-
-    async def _attempt_for(
-        self,
-        breaker: CircuitBreaker,
-        read: _Read,
-        request: GenerationRequest,
-        stats: StreamStats,
-    ) -> AsyncGenerator[list[UpstreamEvent], None]:
-        """One attempt; the breaker learns the provider answered at its first output
-        (refusals before it are no longer consecutive) and a success at its end."""
-        answered = False
-        batches = self._attempt(read, request, stats)
-        async with contextlib.aclosing(batches):
-            async for batch in batches:
-                if read.produced and not answered:
-                    # Not at the end only: 120 streams started together had 5 quick
-                    # refusals in a row before any stream ended, and the open breaker
-                    # failed the other 111.
-                    answered = True
-                    breaker.record_answered()
-                yield batch
-        breaker.record_success()
 
     @staticmethod
     def _retrying(provider: str, attempt: int, delay: float, error: UpstreamError) -> Status:
@@ -730,6 +711,10 @@ class UpstreamClient:
     def _note_output(read: _Read, batch: list[UpstreamEvent], stats: StreamStats) -> None:
         if not read.produced and any(isinstance(e, Token | ToolCallDelta | Refusal) for e in batch):
             read.produced = True
+            # Refusals before it are no longer consecutive. Not at the end only: 120
+            # streams started together had 5 quick refusals in a row before any stream
+            # ended, and the open breaker failed the other 111.
+            read.breaker.record_answered()
             if stats.first_token_s is None:
                 stats.first_token_s = time.monotonic() - stats.started
 
