@@ -12,7 +12,7 @@ import pytest
 from worker.errors import QueueError
 from worker.jobs import chunklog
 from worker.jobs.chunklog import ChunkLog
-from worker.jobs.models import Chunk, ChunkRun, Job, NewRequest
+from worker.jobs.models import Chunk, ChunkRun, Job, NewRequest, Snapshot
 from worker.jobs.testing import InMemoryJobRepository
 
 
@@ -46,6 +46,19 @@ async def claimed_with_logs(repo: InMemoryJobRepository, n: int) -> list[Job]:
     ]
     await repo.append_chunks(worker="w", runs=runs)
     return sorted(jobs, key=lambda j: ids.index(j.id))
+
+
+async def first_read_in_flight(
+    n: int, *, failing: set[int] | frozenset[int] = frozenset()
+) -> tuple[SlowReads, list[Job], ChunkLog, asyncio.Future[Snapshot]]:
+    """`n` logged streams and their log; the first one's read (index 0) under way."""
+    repo = SlowReads(delay_s=0.05)
+    repo.failing = set(failing)
+    jobs = await claimed_with_logs(repo, n)
+    log = ChunkLog(repo, "w")
+    first = asyncio.ensure_future(log.recover(jobs[0]))
+    await repo.started.wait()
+    return repo, jobs, log, first
 
 
 async def test_streams_starting_together_share_one_read_and_each_gets_its_own_tail() -> None:
@@ -86,11 +99,7 @@ async def test_a_failed_read_fails_every_stream_waiting_for_it() -> None:
 
 
 async def test_a_reader_cancelled_mid_read_leaves_the_others_to_the_next_read() -> None:
-    repo = SlowReads(delay_s=0.05)
-    jobs = await claimed_with_logs(repo, 4)
-    log = ChunkLog(repo, "w")
-    first = asyncio.ensure_future(log.recover(jobs[0]))
-    await repo.started.wait()
+    repo, jobs, log, first = await first_read_in_flight(4)
     rest = [asyncio.ensure_future(log.recover(job)) for job in jobs[1:]]
     await asyncio.sleep(0)
     repo.started.clear()
@@ -107,11 +116,7 @@ async def test_a_reader_cancelled_mid_read_leaves_the_others_to_the_next_read() 
 
 
 async def test_a_stream_cancelled_while_waiting_is_not_read_for() -> None:
-    repo = SlowReads(delay_s=0.05)
-    jobs = await claimed_with_logs(repo, 3)
-    log = ChunkLog(repo, "w")
-    first = asyncio.ensure_future(log.recover(jobs[0]))
-    await repo.started.wait()
+    repo, jobs, log, first = await first_read_in_flight(3)
     gone = asyncio.ensure_future(log.recover(jobs[1]))
     kept = asyncio.ensure_future(log.recover(jobs[2]))
     await asyncio.sleep(0)
@@ -165,15 +170,10 @@ async def test_the_streams_one_read_answered_resume_together_not_one_by_one() ->
 
 
 async def test_a_stream_cancelled_during_a_failed_read_leaves_no_unread_error() -> None:
-    repo = SlowReads(delay_s=0.05)
-    jobs = await claimed_with_logs(repo, 3)
-    log = ChunkLog(repo, "w")
+    repo, jobs, log, first = await first_read_in_flight(3, failing={1})
     unread: list[str] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: unread.append(str(context["message"])))
-    repo.failing = {1}
-    first = asyncio.ensure_future(log.recover(jobs[0]))
-    await repo.started.wait()
     repo.started.clear()
     waiting = [asyncio.ensure_future(log.recover(job)) for job in jobs[1:]]
     await repo.started.wait()  # the second read (for both) is in flight
